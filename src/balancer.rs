@@ -1,0 +1,388 @@
+//! Service pools: each service's live endpoint set as one `ArcSwap` snapshot, plus the leases
+//! that count requests in flight. Discovery writes pools; the request path only loads them.
+
+pub mod policy;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, Scheme};
+use tokio::sync::watch;
+
+use crate::discovery::{Discovered, InstanceStatus};
+pub use policy::{Picker, Policy};
+
+/// Mutable per-endpoint facts. Shared by every snapshot that contains the same `host:port`,
+/// so counters and health survive discovery updates.
+#[derive(Debug)]
+pub struct EndpointState {
+    healthy: AtomicBool,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl EndpointState {
+    fn new(healthy: bool) -> Self {
+        Self {
+            healthy: AtomicBool::new(healthy),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether health checking currently lets traffic through (true until a health task says otherwise).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Sets the health flag; only the health module calls this.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Requests currently holding a lease on this endpoint (open response bodies included).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this endpoint since it first appeared.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests to this endpoint that ended in a gateway error (connect failure, timeout, reset).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// One endpoint of a snapshot: immutable address and weight plus the shared mutable state.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where it came from, as discovery reported it.
+    pub source: Discovered,
+    /// `host:port`, prebuilt so forwarding never formats it per request.
+    pub authority: Authority,
+    /// `host:port` as a Host header value, for routes with `preserve_host = false`.
+    pub host_header: http::HeaderValue,
+    /// Stable hash of `host:port`, for rendezvous hashing.
+    pub(crate) key_hash: u64,
+    /// Counters and health, shared across snapshots.
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    /// Relative weight; 0 takes no traffic.
+    pub fn weight(&self) -> u32 {
+        self.source.weight
+    }
+
+    /// Eligible for new requests: healthy and with a positive weight.
+    pub fn is_available(&self) -> bool {
+        self.source.weight > 0 && self.state.is_healthy()
+    }
+}
+
+/// An immutable endpoint set: everything a pick needs, built once per real change.
+#[derive(Debug, Default)]
+pub struct Endpoints {
+    list: Box<[Arc<Endpoint>]>,
+    /// Smooth weighted round-robin order (nginx's algorithm), as indices into `list`.
+    wrr: Box<[u32]>,
+    /// Running weight totals, for weighted random picks.
+    cumulative: Box<[u64]>,
+}
+
+impl Endpoints {
+    fn build(list: Vec<Arc<Endpoint>>) -> Self {
+        let weights: Vec<u32> = list.iter().map(|e| e.weight()).collect();
+        let wrr = policy::smooth_wrr_sequence(&weights).into_boxed_slice();
+        let mut total = 0u64;
+        let cumulative = weights
+            .iter()
+            .map(|w| {
+                total += u64::from(*w);
+                total
+            })
+            .collect();
+        Self {
+            list: list.into_boxed_slice(),
+            wrr,
+            cumulative,
+        }
+    }
+
+    /// The endpoints in discovery order (sorted by host and port).
+    pub fn list(&self) -> &[Arc<Endpoint>] {
+        &self.list
+    }
+
+    /// Number of endpoints, available or not.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// True when discovery reported no endpoint at all.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// How many endpoints can take traffic now.
+    pub fn available(&self) -> usize {
+        self.list.iter().filter(|e| e.is_available()).count()
+    }
+}
+
+/// A service's live pool. Discovery calls [`ServicePool::replace`]; requests call
+/// [`Picker::pick`] with it, which costs one atomic snapshot load.
+pub struct ServicePool {
+    name: Arc<str>,
+    scheme: Scheme,
+    current: ArcSwap<Endpoints>,
+    /// Bumped after each effective `replace`; tests and readiness await it.
+    revision: watch::Sender<u64>,
+    /// Serialises writers only (discovery, the static provider); never taken by a request.
+    writer: Mutex<()>,
+}
+
+impl std::fmt::Debug for ServicePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServicePool")
+            .field("name", &self.name)
+            .field("endpoints", &self.current.load().len())
+            .finish()
+    }
+}
+
+impl ServicePool {
+    /// An empty pool; requests get 503 until the first `replace`.
+    pub fn new(name: impl Into<Arc<str>>, scheme: Scheme) -> Self {
+        Self {
+            name: name.into(),
+            scheme,
+            current: ArcSwap::from_pointee(Endpoints::default()),
+            revision: watch::Sender::new(0),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// The service name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The scheme used to reach every endpoint of this service.
+    pub fn scheme(&self) -> &Scheme {
+        &self.scheme
+    }
+
+    /// The current snapshot (for admin views; the request path uses [`Picker::pick`]).
+    pub fn snapshot(&self) -> Arc<Endpoints> {
+        self.current.load_full()
+    }
+
+    /// The number of effective replacements so far.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// A receiver that sees every effective replacement.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// Installs a new endpoint set and returns whether anything changed.
+    ///
+    /// The set is normalised (sorted, one entry per `host:port`) first; an identical set is not
+    /// swapped in. Endpoints whose `host:port` stays keep their counters and health.
+    pub fn replace(&self, mut discovered: Vec<Discovered>) -> bool {
+        discovered.sort();
+        discovered.dedup_by(|a, b| a.host == b.host && a.port == b.port);
+        // Poisoning only means another writer panicked; the snapshot itself is always whole.
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load();
+        if old.list.len() == discovered.len()
+            && old
+                .list
+                .iter()
+                .zip(&discovered)
+                .all(|(e, d)| &e.source == d)
+        {
+            return false;
+        }
+        let mut kept: HashMap<(Arc<str>, u16), &Arc<EndpointState>> = old
+            .list
+            .iter()
+            .map(|e| ((e.source.host.clone(), e.source.port), &e.state))
+            .collect();
+        let mut list = Vec::with_capacity(discovered.len());
+        for d in discovered {
+            let state = kept
+                .remove(&(d.host.clone(), d.port))
+                .cloned()
+                .unwrap_or_else(|| Arc::new(EndpointState::new(true)));
+            match endpoint(d, state) {
+                Some(ep) => list.push(Arc::new(ep)),
+                None => {
+                    tracing::warn!(service = %self.name, "discovered endpoint has an invalid address; skipped")
+                }
+            }
+        }
+        self.current.store(Arc::new(Endpoints::build(list)));
+        drop(old);
+        self.revision.send_modify(|r| *r += 1);
+        true
+    }
+}
+
+fn endpoint(source: Discovered, state: Arc<EndpointState>) -> Option<Endpoint> {
+    let authority = if source.host.contains(':') {
+        // IPv6 literals need brackets inside an authority.
+        format!("[{}]:{}", source.host, source.port)
+    } else {
+        format!("{}:{}", source.host, source.port)
+    };
+    let key_hash = policy::hash_bytes(authority.as_bytes());
+    let host_header = http::HeaderValue::from_str(&authority).ok()?;
+    let authority = Authority::try_from(authority).ok()?;
+    Some(Endpoint {
+        source,
+        authority,
+        host_header,
+        key_hash,
+        state,
+    })
+}
+
+/// A request's claim on an endpoint: counts it in flight until dropped, which happens when the
+/// response body ends (or the upgraded connection closes), not when headers arrive.
+#[derive(Debug)]
+pub struct Lease {
+    endpoint: Arc<Endpoint>,
+}
+
+impl Lease {
+    fn new(endpoint: &Arc<Endpoint>) -> Self {
+        endpoint.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        endpoint.state.requests.fetch_add(1, Ordering::Relaxed);
+        Self {
+            endpoint: endpoint.clone(),
+        }
+    }
+
+    /// The leased endpoint.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// Counts a gateway-side failure against the endpoint.
+    pub fn record_failure(&self) {
+        self.endpoint.state.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.endpoint
+            .state
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Picker {
+    /// Picks an available endpoint of `pool` for a client, skipping `avoid` when another exists.
+    /// Returns `None` when no endpoint is available (the caller answers 503).
+    pub fn pick(
+        &self,
+        pool: &ServicePool,
+        client: IpAddr,
+        avoid: Option<&Endpoint>,
+    ) -> Option<Lease> {
+        let eps = pool.current.load();
+        let idx = self.choose(&eps, client, avoid)?;
+        Some(Lease::new(&eps.list[idx]))
+    }
+}
+
+impl InstanceStatus {
+    /// Lower-case name, as shown in admin views.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            InstanceStatus::Passing => "passing",
+            InstanceStatus::Warning => "warning",
+            InstanceStatus::Critical => "critical",
+            InstanceStatus::Maintenance => "maintenance",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(host: &str, port: u16, weight: u32) -> Discovered {
+        Discovered::new(host, port, weight)
+    }
+
+    #[test]
+    fn replace_skips_identical_sets_and_keeps_state() {
+        let pool = ServicePool::new("svc", Scheme::HTTP);
+        assert!(pool.replace(vec![d("10.0.0.2", 80, 1), d("10.0.0.1", 80, 1)]));
+        assert_eq!(pool.revision(), 1);
+        // Same set in another order: no swap.
+        assert!(!pool.replace(vec![d("10.0.0.1", 80, 1), d("10.0.0.2", 80, 1)]));
+        assert_eq!(pool.revision(), 1);
+        let before = pool.snapshot().list()[0].state.clone();
+        before.requests.fetch_add(7, Ordering::Relaxed);
+        // Weight change on 10.0.0.1 and a new endpoint: state of the kept one survives.
+        assert!(pool.replace(vec![d("10.0.0.1", 80, 5), d("10.0.0.3", 80, 1)]));
+        let snap = pool.snapshot();
+        assert_eq!(snap.len(), 2);
+        assert!(Arc::ptr_eq(&snap.list()[0].state, &before));
+        assert_eq!(snap.list()[0].state.requests(), 7);
+        assert_eq!(snap.list()[0].weight(), 5);
+        assert_eq!(snap.list()[1].state.requests(), 0);
+    }
+
+    #[test]
+    fn lease_counts_in_flight_until_dropped() {
+        let pool = ServicePool::new("svc", Scheme::HTTP);
+        pool.replace(vec![d("127.0.0.1", 1, 1)]);
+        let picker = Picker::new(Policy::RoundRobin);
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let a = picker.pick(&pool, ip, None).unwrap();
+        let b = picker.pick(&pool, ip, None).unwrap();
+        assert_eq!(a.endpoint().state.in_flight(), 2);
+        drop(a);
+        assert_eq!(b.endpoint().state.in_flight(), 1);
+        drop(b);
+        assert_eq!(pool.snapshot().list()[0].state.in_flight(), 0);
+        assert_eq!(pool.snapshot().list()[0].state.requests(), 2);
+    }
+
+    #[test]
+    fn ipv6_and_hostnames_make_valid_authorities() {
+        let pool = ServicePool::new("svc", Scheme::HTTP);
+        pool.replace(vec![d("::1", 8080, 1), d("web.service.consul", 80, 1)]);
+        let snap = pool.snapshot();
+        let names: Vec<_> = snap.list().iter().map(|e| e.authority.as_str()).collect();
+        assert_eq!(names, ["[::1]:8080", "web.service.consul:80"]);
+    }
+
+    #[test]
+    fn empty_answer_empties_the_pool() {
+        let pool = ServicePool::new("svc", Scheme::HTTP);
+        pool.replace(vec![d("127.0.0.1", 1, 1)]);
+        assert!(pool.replace(vec![]));
+        let picker = Picker::new(Policy::RoundRobin);
+        assert!(picker
+            .pick(&pool, IpAddr::from([127, 0, 0, 1]), None)
+            .is_none());
+    }
+}

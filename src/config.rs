@@ -1,0 +1,996 @@
+//! Configuration: figment layers (defaults, file, `MESHGATE_*` environment) into `RawConfig`,
+//! then `validate` into the typed `Config`, collecting every problem with its key path.
+//! Only this module knows figment; the rest of the crate sees `Config`.
+
+pub mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use figment::providers::{Format, Json, Serialized, Toml, Yaml};
+use figment::Figment;
+use http::uri::Scheme;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+
+use crate::balancer::Policy;
+use crate::discovery::Discovered;
+use crate::proxy::cors::CorsConfig;
+use crate::proxy::headers::HeaderOps;
+use crate::routes::Rewrite;
+use raw::*;
+
+/// The embedded default: the seed's topology, also shipped as `config/gateway.toml`.
+pub const DEMO_TOML: &str = include_str!("../config/gateway.toml");
+
+/// The environment as a set of variables, so tests never touch the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    vars: BTreeMap<String, String>,
+}
+
+impl Env {
+    /// A snapshot of the process environment (non-UTF-8 variables are skipped).
+    pub fn from_process() -> Self {
+        Self::from_pairs(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
+    }
+
+    /// An environment made of the given variables only.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// One variable, when set and not empty.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.vars.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    /// `MESHGATE_A__B=v` as the figment layer `a.b = v` (values parsed as TOML-like scalars).
+    fn provider(&self) -> Figment {
+        let mut fig = Figment::new();
+        for (key, value) in &self.vars {
+            let Some(rest) = key.strip_prefix("MESHGATE_") else {
+                continue;
+            };
+            if rest.is_empty() {
+                continue;
+            }
+            let path = rest.to_ascii_lowercase().replace("__", ".");
+            let value: figment::value::Value = value
+                .parse()
+                .unwrap_or_else(|e: std::convert::Infallible| match e {});
+            fig = fig.merge(Serialized::defaults(figment::util::nest(&path, value)));
+        }
+        fig
+    }
+}
+
+/// One configuration problem with the key path it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `routes[2].load_balancer`.
+    pub path: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing or unreadable.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not parse, or a value has the wrong type.
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// The file parses but some values are invalid; every problem is listed.
+    #[error("{}", ProblemList(.0))]
+    Invalid(Vec<Problem>),
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// Every problem, one per line, with key paths where known.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(p) => p.iter().map(ToString::to_string).collect(),
+            ConfigError::Parse(e) => e
+                .as_ref()
+                .clone()
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect(),
+            ConfigError::Read { path, source } => vec![format!("{}: {source}", path.display())],
+        }
+    }
+}
+
+/// The validated, typed configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Main listener.
+    pub listen: SocketAddr,
+    /// Runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    /// Admin listener and its exposure.
+    pub admin: AdminConfig,
+    /// Where services come from.
+    pub discovery: DiscoveryConfig,
+    /// Upstream connection pool.
+    pub upstream: UpstreamConfig,
+    /// Downstream limits.
+    pub server: ServerConfig,
+    /// Global CORS policy.
+    pub cors: Option<Arc<CorsConfig>>,
+    /// Logging.
+    pub log: LogConfig,
+    /// Routes in file order (matching picks the longest prefix).
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[admin]` plus the token.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `None` when the admin listener is off.
+    pub listen: Option<SocketAddr>,
+    /// Serve `/health` and `/status` on the main listener too.
+    pub expose_on_main: bool,
+    /// Bearer token required on the admin listener (`MESHGATE_ADMIN_TOKEN`).
+    pub token: Option<String>,
+}
+
+/// Which provider feeds pools, and the static services (usable with either provider).
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// The provider for services not listed statically.
+    pub provider: Provider,
+    /// Statically defined services.
+    pub static_services: BTreeMap<Arc<str>, StaticService>,
+}
+
+/// A discovery provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Services come only from `[discovery.static]` and route targets.
+    Static,
+    /// Services come from Consul.
+    Consul,
+}
+
+/// A service with fixed endpoints.
+#[derive(Debug, Clone)]
+pub struct StaticService {
+    /// How endpoints are reached.
+    pub scheme: Scheme,
+    /// The endpoints.
+    pub endpoints: Vec<Discovered>,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle pooled connection lifetime.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint.
+    pub max_idle_per_host: usize,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Time allowed for a request head.
+    pub header_read_timeout: Duration,
+    /// Most concurrent downstream connections.
+    pub max_connections: usize,
+    /// How long `/ready` fails before the listener closes on shutdown.
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub grace_period: Duration,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Filter directives.
+    pub level: String,
+    /// JSON lines instead of text.
+    pub json: bool,
+}
+
+/// What a route sends traffic to.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A named service fed by discovery.
+    Service(Arc<str>),
+    /// The route's own fixed targets.
+    Targets(StaticService),
+}
+
+/// One validated route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// Normalised prefix (no trailing slash except for `/`).
+    pub path: String,
+    /// Where traffic goes.
+    pub backend: Backend,
+    /// Balancing policy.
+    pub policy: Policy,
+    /// Rewrites in order.
+    pub rewrite: Vec<Rewrite>,
+    /// Until response headers arrive.
+    pub timeout: Duration,
+    /// Pass the client's Host.
+    pub preserve_host: bool,
+    /// Request header changes.
+    pub request_headers: HeaderOps,
+    /// Response header changes.
+    pub response_headers: HeaderOps,
+    /// Custom error answer.
+    pub error: Option<ErrorPage>,
+    /// Request body limit.
+    pub max_body: Option<u64>,
+}
+
+impl RouteConfig {
+    /// The service this route's pool is registered under.
+    pub fn service_name(&self) -> &Arc<str> {
+        match &self.backend {
+            Backend::Service(s) => s,
+            Backend::Targets(_) => &self.name,
+        }
+    }
+}
+
+/// A route's custom error answer.
+#[derive(Debug, Clone)]
+pub struct ErrorPage {
+    /// Overrides the error's own status when set.
+    pub status: Option<StatusCode>,
+    /// Content type of `body`.
+    pub content_type: HeaderValue,
+    /// Sent as is.
+    pub body: Bytes,
+}
+
+impl Config {
+    /// Loads a file (TOML, or JSON/YAML by extension) with `MESHGATE_*` variables from `env` on top.
+    pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
+        if let Err(source) = std::fs::metadata(path) {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+        let file = match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Figment::from(Json::file_exact(path)),
+            Some("yaml" | "yml") => Figment::from(Yaml::file_exact(path)),
+            _ => Figment::from(Toml::file_exact(path)),
+        };
+        Self::from_figment(file.merge(env.provider()), env)
+    }
+
+    /// Parses TOML text with `MESHGATE_*` variables from `env` on top.
+    pub fn from_toml(text: &str, env: &Env) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)).merge(env.provider()), env)
+    }
+
+    /// Validates an already-built raw configuration (the library builder's path).
+    pub fn from_raw(raw: RawConfig, env: &Env) -> Result<Self, ConfigError> {
+        validate(raw, env).map_err(ConfigError::Invalid)
+    }
+
+    fn from_figment(fig: Figment, env: &Env) -> Result<Self, ConfigError> {
+        let raw: RawConfig = fig.extract().map_err(Box::new)?;
+        Self::from_raw(raw, env)
+    }
+}
+
+/// Collects problems while walking the raw config.
+struct Check {
+    problems: Vec<Problem>,
+}
+
+impl Check {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn unknown(&mut self, base: &str, unknown: &Unknown) {
+        for key in unknown.keys() {
+            let path = if base.is_empty() {
+                key.clone()
+            } else {
+                format!("{base}.{key}")
+            };
+            self.err(path, "unknown key");
+        }
+    }
+
+    fn duration(&mut self, path: &str, text: &str) -> Duration {
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("invalid duration {text:?} ({e}); use e.g. \"250ms\", \"10s\", \"5m\""),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn size(&mut self, path: &str, size: &RawSize) -> u64 {
+        match parse_size(size) {
+            Ok(n) => n,
+            Err(m) => {
+                self.err(path, m);
+                0
+            }
+        }
+    }
+
+    fn socket(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("invalid address {text:?}; expected IP:PORT such as \"0.0.0.0:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, path: &str, n: i64, min: i64) -> usize {
+        if n < min {
+            self.err(path, format!("must be at least {min}, got {n}"));
+            return min.max(0) as usize;
+        }
+        n as usize
+    }
+}
+
+fn parse_size(size: &RawSize) -> Result<u64, String> {
+    match size {
+        RawSize::Bytes(n) if *n >= 0 => Ok(*n as u64),
+        RawSize::Bytes(n) => Err(format!("size must not be negative, got {n}")),
+        RawSize::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 1,
+                "kb" => 1000,
+                "kib" | "k" => 1 << 10,
+                "mb" => 1_000_000,
+                "mib" | "m" => 1 << 20,
+                "gb" => 1_000_000_000,
+                "gib" | "g" => 1 << 30,
+                _ => {
+                    return Err(format!(
+                        "invalid size {t:?}; use bytes or a unit: KiB, MiB, GiB, KB, MB, GB"
+                    ))
+                }
+            };
+            num.parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(mult))
+                .ok_or_else(|| {
+                    format!("invalid size {t:?}; use bytes or a unit: KiB, MiB, GiB, KB, MB, GB")
+                })
+        }
+    }
+}
+
+/// Parses `http://host:port` into scheme and endpoint.
+fn parse_target(check: &mut Check, path: &str, target: &RawTarget) -> Option<(Scheme, Discovered)> {
+    let (url, weight) = match target {
+        RawTarget::Url(u) => (u.as_str(), 1),
+        RawTarget::Weighted { url, weight } => (url.as_str(), weight.unwrap_or(1)),
+    };
+    let weight = match u32::try_from(weight) {
+        Ok(w) => w,
+        Err(_) => {
+            check.err(
+                format!("{path}.weight"),
+                format!("weight must be between 0 and {}, got {weight}", u32::MAX),
+            );
+            return None;
+        }
+    };
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            check.err(path, format!("invalid target URL {url:?}: {e}"));
+            return None;
+        }
+    };
+    let scheme = match uri.scheme_str() {
+        Some("http") | Some("ws") => Scheme::HTTP,
+        Some(other) => {
+            check.err(
+                path,
+                format!("target {url:?}: scheme {other:?} is not supported yet; use http://"),
+            );
+            return None;
+        }
+        None => {
+            check.err(
+                path,
+                format!("target {url:?} needs a scheme, e.g. \"http://{url}\""),
+            );
+            return None;
+        }
+    };
+    let Some(host) = uri.host() else {
+        check.err(path, format!("target {url:?} has no host"));
+        return None;
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        check.err(
+            path,
+            format!("target {url:?} must not carry a path or query; use path_rewrite"),
+        );
+        return None;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    Some((scheme, Discovered::new(host, port, weight)))
+}
+
+fn parse_targets(check: &mut Check, path: &str, targets: &[RawTarget]) -> Option<StaticService> {
+    let mut scheme = None;
+    let mut endpoints = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        let tp = format!("{path}[{i}]");
+        if let Some((s, d)) = parse_target(check, &tp, t) {
+            if scheme.get_or_insert_with(|| s.clone()) != &s {
+                check.err(tp, "all targets of one service must use the same scheme");
+            }
+            endpoints.push(d);
+        }
+    }
+    if targets.is_empty() {
+        check.err(path, "needs at least one target");
+    }
+    Some(StaticService {
+        scheme: scheme?,
+        endpoints,
+    })
+}
+
+fn header_name(check: &mut Check, path: &str, name: &str) -> Option<HeaderName> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            check.err(path, format!("invalid header name {name:?}"));
+            None
+        }
+    }
+}
+
+fn header_ops(check: &mut Check, path: &str, raw: &RawHeaderOps) -> HeaderOps {
+    check.unknown(path, &raw.unknown);
+    let mut pairs =
+        |kind: &str, map: &BTreeMap<String, String>| -> Vec<(HeaderName, HeaderValue)> {
+            map.iter()
+                .filter_map(|(k, v)| {
+                    let p = format!("{path}.{kind}.{k}");
+                    let name = header_name(check, &p, k)?;
+                    match HeaderValue::from_str(v) {
+                        Ok(v) => Some((name, v)),
+                        Err(_) => {
+                            check.err(p, format!("invalid header value {v:?}"));
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+    let add = pairs("add", &raw.add);
+    let set = pairs("set", &raw.set);
+    let remove = raw
+        .remove
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| header_name(check, &format!("{path}.remove[{i}]"), n))
+        .collect();
+    HeaderOps::new(add, set, remove)
+}
+
+fn prefix(check: &mut Check, path: &str, p: &str) -> String {
+    if !p.starts_with('/') {
+        check.err(path, format!("{p:?} must start with \"/\""));
+    }
+    p.to_owned()
+}
+
+fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
+    let mut c = Check {
+        problems: Vec::new(),
+    };
+    c.unknown("", &raw.unknown);
+    let listen = c.socket("listen", &raw.listen);
+    if raw.workers == Some(0) {
+        c.err("workers", "must be at least 1");
+    }
+
+    // Discovery.
+    c.unknown("discovery", &raw.discovery.unknown);
+    c.unknown("discovery.static", &raw.discovery.static_.unknown);
+    let provider = match raw.discovery.provider.as_str() {
+        "static" => Provider::Static,
+        "consul" => Provider::Consul,
+        other => {
+            c.err(
+                "discovery.provider",
+                format!("unknown provider {other:?}, expected one of static, consul"),
+            );
+            Provider::Static
+        }
+    };
+    let mut static_services = BTreeMap::new();
+    for (name, targets) in &raw.discovery.static_.services {
+        let path = format!("discovery.static.services.{name}");
+        if let Some(svc) = parse_targets(&mut c, &path, targets) {
+            static_services.insert(Arc::<str>::from(name.as_str()), svc);
+        }
+    }
+
+    // Upstream and server.
+    c.unknown("upstream", &raw.upstream.unknown);
+    let upstream = UpstreamConfig {
+        connect_timeout: c.duration("upstream.connect_timeout", &raw.upstream.connect_timeout),
+        idle_timeout: c.duration("upstream.idle_timeout", &raw.upstream.idle_timeout),
+        max_idle_per_host: c.count(
+            "upstream.max_idle_per_host",
+            raw.upstream.max_idle_per_host,
+            0,
+        ),
+    };
+    c.unknown("server", &raw.server.unknown);
+    let max_header_bytes = c.size("server.max_header_bytes", &raw.server.max_header_bytes);
+    if max_header_bytes < 8192 {
+        c.err(
+            "server.max_header_bytes",
+            format!("must be at least 8KiB, got {max_header_bytes} bytes"),
+        );
+    }
+    let server = ServerConfig {
+        max_header_bytes: max_header_bytes as usize,
+        header_read_timeout: c.duration(
+            "server.header_read_timeout",
+            &raw.server.header_read_timeout,
+        ),
+        max_connections: c.count("server.max_connections", raw.server.max_connections, 1),
+        drain_delay: c.duration("server.drain_delay", &raw.server.drain_delay),
+        grace_period: c.duration("server.grace_period", &raw.server.grace_period),
+    };
+
+    // CORS.
+    let cors = raw.cors.as_ref().map(|rc| {
+        c.unknown("cors", &rc.unknown);
+        let max_age = c.duration("cors.max_age", &rc.max_age);
+        let any = rc.allowed_origins.iter().any(|o| o == "*");
+        if any && rc.allow_credentials {
+            c.err(
+                "cors.allow_credentials",
+                "cannot be true with allowed_origins = [\"*\"]: browsers refuse credentials for a wildcard origin; list the origins",
+            );
+        }
+        if rc.allowed_origins.is_empty() {
+            c.err("cors.allowed_origins", "needs at least one origin, or [\"*\"]");
+        }
+        for (i, m) in rc.allowed_methods.iter().enumerate() {
+            if Method::from_bytes(m.as_bytes()).is_err() {
+                c.err(format!("cors.allowed_methods[{i}]"), format!("invalid method {m:?}"));
+            }
+        }
+        for (i, h) in rc.allowed_headers.iter().chain(&rc.expose_headers).enumerate() {
+            if h != "*" && HeaderName::from_bytes(h.as_bytes()).is_err() {
+                c.err(format!("cors.allowed_headers[{i}]"), format!("invalid header name {h:?}"));
+            }
+        }
+        Arc::new(CorsConfig::new(
+            &rc.allowed_origins,
+            &rc.allowed_methods,
+            &rc.allowed_headers,
+            &rc.expose_headers,
+            rc.allow_credentials,
+            max_age,
+        ))
+    });
+
+    // Admin and log.
+    c.unknown("admin", &raw.admin.unknown);
+    let admin_listen = match raw.admin.listen.trim() {
+        "" | "off" => None,
+        text => c.socket("admin.listen", text),
+    };
+    let admin = AdminConfig {
+        listen: admin_listen,
+        expose_on_main: raw.admin.expose_on_main,
+        token: raw
+            .admin_token
+            .clone()
+            .or_else(|| env.get("MESHGATE_ADMIN_TOKEN")),
+    };
+    if let (Some(addr), None) = (admin.listen, &admin.token) {
+        if !addr.ip().is_loopback() {
+            c.err(
+                "admin.listen",
+                format!("{addr} is reachable from other machines; set MESHGATE_ADMIN_TOKEN (admin_token) to protect it, or bind 127.0.0.1"),
+            );
+        }
+    }
+    c.unknown("log", &raw.log.unknown);
+    let json = match raw.log.format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            c.err(
+                "log.format",
+                format!("unknown format {other:?}, expected one of text, json"),
+            );
+            false
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        c.err(
+            "log.level",
+            format!("invalid filter {:?}: {e}", raw.log.level),
+        );
+    }
+    let log = LogConfig {
+        level: raw.log.level.clone(),
+        json,
+    };
+
+    // Routes.
+    let mut routes = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut paths = BTreeMap::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let rp = format!("routes[{i}]");
+        c.unknown(&rp, &r.unknown);
+        let name: Arc<str> = r
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("route-{i}"))
+            .into();
+        if !names.insert(name.clone()) {
+            c.err(
+                format!("{rp}.name"),
+                format!("duplicate route name {name:?}"),
+            );
+        }
+        let path = match &r.path {
+            None => {
+                c.err(
+                    format!("{rp}.path"),
+                    "missing; every route needs a path prefix such as \"/api\"",
+                );
+                String::from("/")
+            }
+            Some(p) => {
+                let p = prefix(&mut c, &format!("{rp}.path"), p);
+                crate::routes::normalise_prefix(&p)
+            }
+        };
+        if let Some(prev) = paths.insert(path.clone(), i) {
+            c.err(
+                format!("{rp}.path"),
+                format!("{path:?} is already the path of routes[{prev}]"),
+            );
+        }
+        let backend = match (&r.targets, &r.service) {
+            (Some(_), Some(_)) => {
+                c.err(&rp, "has both targets and service; give exactly one");
+                None
+            }
+            (None, None) => {
+                c.err(&rp, "needs either targets or service");
+                None
+            }
+            (Some(t), None) => {
+                if static_services.contains_key(&name) {
+                    c.err(
+                        format!("{rp}.name"),
+                        format!("{name:?} is also a service in discovery.static.services; a route with targets owns a service of its own name"),
+                    );
+                }
+                parse_targets(&mut c, &format!("{rp}.targets"), t).map(Backend::Targets)
+            }
+            (None, Some(s)) => {
+                if provider == Provider::Static && !static_services.contains_key(s.as_str()) {
+                    c.err(
+                        format!("{rp}.service"),
+                        format!("unknown service {s:?}: not in discovery.static.services and discovery.provider is \"static\""),
+                    );
+                }
+                Some(Backend::Service(s.as_str().into()))
+            }
+        };
+        let policy = Policy::from_name(&r.load_balancer).unwrap_or_else(|| {
+            c.err(
+                format!("{rp}.load_balancer"),
+                format!(
+                    "unknown policy {:?}, expected one of {}",
+                    r.load_balancer,
+                    Policy::NAMES.join(", ")
+                ),
+            );
+            Policy::RoundRobin
+        });
+        let mut rewrite = Vec::new();
+        for (j, rw) in r.path_rewrite.iter().enumerate() {
+            let wp = format!("{rp}.path_rewrite[{j}]");
+            c.unknown(&wp, &rw.unknown);
+            let set = [
+                rw.strip_prefix.is_some(),
+                rw.add_prefix.is_some(),
+                rw.replace_prefix.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
+            if set != 1 {
+                c.err(
+                    &wp,
+                    "needs exactly one of strip_prefix, add_prefix, replace_prefix",
+                );
+                continue;
+            }
+            if let Some(p) = &rw.strip_prefix {
+                rewrite.push(Rewrite::StripPrefix(crate::routes::normalise_prefix(
+                    &prefix(&mut c, &format!("{wp}.strip_prefix"), p),
+                )));
+            } else if let Some(p) = &rw.add_prefix {
+                rewrite.push(Rewrite::AddPrefix(crate::routes::normalise_prefix(
+                    &prefix(&mut c, &format!("{wp}.add_prefix"), p),
+                )));
+            } else if let Some(rp2) = &rw.replace_prefix {
+                c.unknown(&format!("{wp}.replace_prefix"), &rp2.unknown);
+                let from = prefix(&mut c, &format!("{wp}.replace_prefix.from"), &rp2.from);
+                let to = prefix(&mut c, &format!("{wp}.replace_prefix.to"), &rp2.to);
+                rewrite.push(Rewrite::ReplacePrefix {
+                    from: crate::routes::normalise_prefix(&from),
+                    to: crate::routes::normalise_prefix(&to),
+                });
+            }
+        }
+        let timeout = c.duration(&format!("{rp}.timeout"), &r.timeout);
+        if timeout.is_zero() {
+            c.err(format!("{rp}.timeout"), "must be greater than zero");
+        }
+        let request_headers =
+            header_ops(&mut c, &format!("{rp}.request_headers"), &r.request_headers);
+        let response_headers = header_ops(
+            &mut c,
+            &format!("{rp}.response_headers"),
+            &r.response_headers,
+        );
+        let error = r.error.as_ref().map(|e| {
+            let ep = format!("{rp}.error");
+            c.unknown(&ep, &e.unknown);
+            let status = e.status.and_then(|s| {
+                match u16::try_from(s)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                {
+                    Some(st) if (100..=599).contains(&s) => Some(st),
+                    _ => {
+                        c.err(
+                            format!("{ep}.status"),
+                            format!("invalid status {s}; expected 100 to 599"),
+                        );
+                        None
+                    }
+                }
+            });
+            let ct = e.content_type.as_deref().unwrap_or("application/json");
+            let content_type = HeaderValue::from_str(ct).unwrap_or_else(|_| {
+                c.err(
+                    format!("{ep}.content_type"),
+                    format!("invalid header value {ct:?}"),
+                );
+                HeaderValue::from_static("application/json")
+            });
+            ErrorPage {
+                status,
+                content_type,
+                body: Bytes::from(e.body.clone()),
+            }
+        });
+        let max_body = r
+            .max_body
+            .as_ref()
+            .map(|s| c.size(&format!("{rp}.max_body"), s));
+        if let Some(backend) = backend {
+            routes.push(RouteConfig {
+                name,
+                path,
+                backend,
+                policy,
+                rewrite,
+                timeout,
+                preserve_host: r.preserve_host,
+                request_headers,
+                response_headers,
+                error,
+                max_body,
+            });
+        }
+    }
+
+    if !c.problems.is_empty() {
+        return Err(c.problems);
+    }
+    Ok(Config {
+        listen: listen.expect("listen was validated"),
+        workers: raw.workers,
+        admin,
+        discovery: DiscoveryConfig {
+            provider,
+            static_services,
+        },
+        upstream,
+        server,
+        cors,
+        log,
+        routes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> Vec<String> {
+        match Config::from_toml(toml, &Env::default()) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.problems(),
+        }
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = Config::from_toml(DEMO_TOML, &Env::default()).unwrap();
+        assert_eq!(c.routes.len(), 3);
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let p = problems(
+            r#"
+            listen = "nope"
+            [upstream]
+            connect_timeout = "2 parsecs"
+            [cors]
+            allowed_origins = ["*"]
+            allow_credentials = true
+            [[routes]]
+            path = "/a"
+            targets = ["http://127.0.0.1:1"]
+            [[routes]]
+            path = "/b"
+            targets = ["127.0.0.1:2"]
+            [[routes]]
+            name = "c"
+            path = "/c"
+            service = "missing"
+            load_balancer = "round-robbin"
+            lod_balancer = "x"
+            path_rewrite = [{ strip_prefix = "/a", add_prefix = "/b" }]
+            "#,
+        );
+        let expect = [
+            "listen: invalid address",
+            "upstream.connect_timeout: invalid duration",
+            "cors.allow_credentials: cannot be true",
+            "routes[1].targets[0]: target \"127.0.0.1:2\"",
+            "routes[2].lod_balancer: unknown key",
+            "routes[2].service: unknown service \"missing\"",
+            "routes[2].load_balancer: unknown policy \"round-robbin\", expected one of round_robin, weighted_round_robin, random, least_connections, ip_hash",
+            "routes[2].path_rewrite[0]: needs exactly one of",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn env_overrides_file_with_nesting() {
+        let env = Env::from_pairs([
+            ("MESHGATE_LISTEN", "127.0.0.1:9000"),
+            ("MESHGATE_UPSTREAM__MAX_IDLE_PER_HOST", "7"),
+            ("MESHGATE_ADMIN_TOKEN", "s3cret"),
+            ("OTHER", "ignored"),
+        ]);
+        let c = Config::from_toml(DEMO_TOML, &env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.upstream.max_idle_per_host, 7);
+        assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size(&RawSize::Text("64KiB".into())), Ok(65536));
+        assert_eq!(parse_size(&RawSize::Text("10 MB".into())), Ok(10_000_000));
+        assert_eq!(parse_size(&RawSize::Bytes(5)), Ok(5));
+        assert!(parse_size(&RawSize::Text("5 parsecs".into())).is_err());
+        assert!(parse_size(&RawSize::Bytes(-1)).is_err());
+    }
+
+    #[test]
+    fn both_targets_and_service_is_an_error() {
+        let p = problems(
+            r#"
+            [discovery.static.services]
+            s = ["http://127.0.0.1:1"]
+            [[routes]]
+            path = "/x/*"
+            service = "s"
+            targets = ["http://127.0.0.1:1"]
+            "#,
+        );
+        assert_eq!(
+            p,
+            ["routes[0]: has both targets and service; give exactly one"]
+        );
+    }
+}

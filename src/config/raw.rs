@@ -1,0 +1,369 @@
+//! The serde model of the configuration file: lenient types (strings for durations, sizes and
+//! policies) so that `validate` can report every problem at once with its key path.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Keys that are not part of the model; collected so each can be reported with its path.
+pub type Unknown = BTreeMap<String, serde_json::Value>;
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    /// Main listener address. Default `0.0.0.0:8080`.
+    pub listen: String,
+    /// Runtime worker threads; default: one per core.
+    pub workers: Option<usize>,
+    /// Bearer token for the admin listener (`MESHGATE_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
+    /// Where services come from.
+    pub discovery: RawDiscovery,
+    /// Connection pool to upstreams.
+    pub upstream: RawUpstream,
+    /// Downstream connection limits and timeouts.
+    pub server: RawServer,
+    /// Global CORS policy; absent means the gateway adds no CORS headers.
+    pub cors: Option<RawCors>,
+    /// Admin listener.
+    pub admin: RawAdmin,
+    /// Logging.
+    pub log: RawLog,
+    /// The route table.
+    pub routes: Vec<RawRoute>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            workers: None,
+            admin_token: None,
+            discovery: RawDiscovery::default(),
+            upstream: RawUpstream::default(),
+            server: RawServer::default(),
+            cors: None,
+            admin: RawAdmin::default(),
+            log: RawLog::default(),
+            routes: Vec::new(),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `[discovery]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawDiscovery {
+    /// `static` (default) or `consul`.
+    pub provider: String,
+    /// `[discovery.static]`: named services with fixed endpoints; usable with either provider.
+    #[serde(rename = "static")]
+    pub static_: RawStatic,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        Self {
+            provider: "static".into(),
+            static_: RawStatic::default(),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `[discovery.static]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawStatic {
+    /// Service name to targets.
+    pub services: BTreeMap<String, Vec<RawTarget>>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// A target: `"http://host:port"` or `{ url = "...", weight = 3 }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawTarget {
+    /// A bare URL with weight 1.
+    Url(String),
+    /// A URL with a weight.
+    Weighted {
+        /// `http://host:port`.
+        url: String,
+        /// Relative weight, default 1; 0 takes no traffic.
+        #[serde(default)]
+        weight: Option<i64>,
+    },
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawUpstream {
+    /// TCP connect timeout. Default `2s`.
+    pub connect_timeout: String,
+    /// How long an idle pooled connection is kept. Default `90s`.
+    pub idle_timeout: String,
+    /// Idle connections kept per endpoint. Default 64.
+    pub max_idle_per_host: i64,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: "2s".into(),
+            idle_timeout: "90s".into(),
+            max_idle_per_host: 64,
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `[server]`: the downstream side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawServer {
+    /// Largest request head (request line plus headers); beyond it the answer is 431. Default `64KiB`.
+    pub max_header_bytes: RawSize,
+    /// Time a client has to send its request head. Default `10s`.
+    pub header_read_timeout: String,
+    /// Most concurrent downstream connections; further ones wait in the accept queue. Default 10000.
+    pub max_connections: i64,
+    /// On shutdown, how long `/ready` fails before the listener closes. Default `5s`.
+    pub drain_delay: String,
+    /// On shutdown, how long in-flight requests may take to finish. Default `30s`.
+    pub grace_period: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: RawSize::Text("64KiB".into()),
+            header_read_timeout: "10s".into(),
+            max_connections: 10_000,
+            drain_delay: "5s".into(),
+            grace_period: "30s".into(),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// A byte size: a number of bytes or a string such as `"10MiB"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    /// Bytes.
+    Bytes(i64),
+    /// With a unit: B, KB, KiB, MB, MiB, GB, GiB.
+    Text(String),
+}
+
+/// `[cors]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawCors {
+    /// Allowed origins, or `["*"]`.
+    pub allowed_origins: Vec<String>,
+    /// Methods a preflight may ask for.
+    pub allowed_methods: Vec<String>,
+    /// Request headers a preflight may ask for.
+    pub allowed_headers: Vec<String>,
+    /// Response headers scripts may read.
+    pub expose_headers: Vec<String>,
+    /// Whether credentials are allowed; refused together with `"*"`.
+    pub allow_credentials: bool,
+    /// How long browsers may cache a preflight. Default `10m`.
+    pub max_age: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawCors {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_methods: ["GET", "POST", "PUT", "DELETE", "OPTIONS"]
+                .map(String::from)
+                .into(),
+            allowed_headers: ["Content-Type", "Authorization"].map(String::from).into(),
+            expose_headers: Vec::new(),
+            allow_credentials: false,
+            max_age: "10m".into(),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawAdmin {
+    /// Admin listener; `""` turns it off. Default `127.0.0.1:9901`.
+    pub listen: String,
+    /// Also answer `/health` and `/status` on the main listener, as the seed does. Default true.
+    pub expose_on_main: bool,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9901".into(),
+            expose_on_main: true,
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawLog {
+    /// A `RUST_LOG`-style filter. Default `info`; `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` (default) or `json`.
+    pub format: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawRoute {
+    /// Name used in logs, metrics and `/status`; default `route-<index>`.
+    pub name: Option<String>,
+    /// Path prefix matched on segment boundaries; `/x/*` means the same as `/x`.
+    pub path: Option<String>,
+    /// Fixed upstreams for this route (an anonymous service).
+    pub targets: Option<Vec<RawTarget>>,
+    /// A discovered service.
+    pub service: Option<String>,
+    /// Balancing policy. Default `round_robin`.
+    pub load_balancer: String,
+    /// Path rewrites, applied in order.
+    pub path_rewrite: Vec<RawRewrite>,
+    /// Time allowed until the upstream's response headers arrive. Default `30s`.
+    pub timeout: String,
+    /// Pass the client's Host upstream (true) or use the endpoint's authority. Default true.
+    pub preserve_host: bool,
+    /// Changes to the request on its way upstream.
+    pub request_headers: RawHeaderOps,
+    /// Changes to the response on its way back.
+    pub response_headers: RawHeaderOps,
+    /// Custom error answer used for every gateway error on this route.
+    pub error: Option<RawErrorPage>,
+    /// Largest request body accepted (413 beyond). Default unlimited.
+    pub max_body: Option<RawSize>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawRoute {
+    fn default() -> Self {
+        Self {
+            name: None,
+            path: None,
+            targets: None,
+            service: None,
+            load_balancer: "round_robin".into(),
+            path_rewrite: Vec::new(),
+            timeout: "30s".into(),
+            preserve_host: true,
+            request_headers: RawHeaderOps::default(),
+            response_headers: RawHeaderOps::default(),
+            error: None,
+            max_body: None,
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// One rewrite step: exactly one of the keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawRewrite {
+    /// Remove this prefix (on a segment boundary) when present.
+    pub strip_prefix: Option<String>,
+    /// Put this prefix in front.
+    pub add_prefix: Option<String>,
+    /// Replace prefix `from` with `to` when present.
+    pub replace_prefix: Option<RawReplace>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// `{ from = "/a", to = "/b" }`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawReplace {
+    /// Prefix to look for.
+    pub from: String,
+    /// Its replacement.
+    pub to: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// Header changes: `add` appends, `set` replaces, `remove` deletes (applied remove, set, add).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawHeaderOps {
+    /// Appended values.
+    pub add: BTreeMap<String, String>,
+    /// Values that replace any existing ones.
+    pub set: BTreeMap<String, String>,
+    /// Headers removed.
+    pub remove: Vec<String>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// A custom error answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawErrorPage {
+    /// Status to answer with; default: the error's own status.
+    pub status: Option<i64>,
+    /// Default `application/json`.
+    pub content_type: Option<String>,
+    /// The body, sent as is.
+    pub body: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}

@@ -1,0 +1,186 @@
+//! The request path: route, pick, forward, respond. Errors become responses here, once.
+
+pub mod body;
+pub mod cors;
+pub mod error;
+pub mod forward;
+pub mod headers;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, ORIGIN};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::admin::AdminState;
+use crate::balancer::ServicePool;
+use crate::routes::{remove_dot_segments, Route, RouteTable};
+pub use body::{RequestBody, ResponseBody};
+pub use cors::CorsConfig;
+pub use error::ProxyError;
+use forward::{Downstream, UpstreamClient};
+
+/// A route's custom error answer written in code (the library API); `None` falls back to the
+/// route's configured `error` page, then to the JSON default.
+pub type ErrorHandler = Arc<dyn Fn(&ProxyError) -> Option<Response<Bytes>> + Send + Sync>;
+
+/// Everything the request path reads. Swapped parts are `ArcSwap`s; nothing here is locked.
+pub struct ProxyState {
+    /// The route table; replaced whole on reload.
+    pub table: ArcSwap<RouteTable>,
+    /// Every service pool by name.
+    pub pools: BTreeMap<Arc<str>, Arc<ServicePool>>,
+    /// Upstream connection pool.
+    pub client: UpstreamClient,
+    /// Global CORS policy.
+    pub cors: Option<Arc<CorsConfig>>,
+    /// Answer `/health` and `/status` on the main listener.
+    pub expose_admin: bool,
+    /// Readiness and uptime.
+    pub admin: Arc<AdminState>,
+}
+
+/// Handles one downstream request. Never fails: every error becomes a response.
+pub async fn handle(
+    state: &ProxyState,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Response<ResponseBody> {
+    let request_id = headers::request_id(req.headers());
+    let origin = match &state.cors {
+        Some(_) => req.headers().get(ORIGIN).cloned(),
+        None => None,
+    };
+    let mut resp = match &state.cors {
+        Some(cors) if CorsConfig::is_preflight(&req) => {
+            let mut resp = Response::new(ResponseBody::empty());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            cors.preflight(origin.as_ref(), resp.headers_mut());
+            resp
+        }
+        _ => {
+            let mut resp = route_request(state, req, client, &request_id).await;
+            if let Some(cors) = &state.cors {
+                cors.decorate(origin.as_ref(), resp.headers_mut());
+            }
+            resp
+        }
+    };
+    resp.headers_mut()
+        .insert(headers::X_REQUEST_ID.clone(), request_id);
+    resp
+}
+
+async fn route_request(
+    state: &ProxyState,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let raw_path = req.uri().path();
+    if state.expose_admin
+        && req.method() == Method::GET
+        && matches!(raw_path, "/health" | "/status")
+    {
+        return crate::admin::respond(state, &req);
+    }
+    let normalised = remove_dot_segments(raw_path);
+    let path = normalised.as_deref().unwrap_or(raw_path).to_owned();
+    let table = state.table.load();
+    let Some(route) = table.find(&path).cloned() else {
+        return error_response(&ProxyError::NoRoute { path }, None, request_id);
+    };
+    drop(table);
+    let down = Downstream {
+        client: client.ip(),
+        proto: "http",
+        request_id,
+    };
+    match forward::forward(&state.client, &route, req, &path, down).await {
+        Ok(mut resp) => {
+            route.record(resp.status().is_server_error());
+            headers::remove_hop_by_hop(resp.headers_mut());
+            route.response_headers.apply(resp.headers_mut());
+            resp
+        }
+        Err(e) => {
+            route.record(true);
+            log_error(&e, &route);
+            error_response(&e, Some(&route), request_id)
+        }
+    }
+}
+
+fn log_error(e: &ProxyError, route: &Route) {
+    match e {
+        ProxyError::NoRoute { .. }
+        | ProxyError::BodyTooLarge { .. }
+        | ProxyError::InvalidRequest { .. } => {
+            tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
+        }
+        ProxyError::NoEndpoint { .. } => {
+            tracing::debug!(route = %route.name, error = %Chain(e), "no endpoint")
+        }
+        ProxyError::Connect { .. }
+        | ProxyError::UpstreamTimeout { .. }
+        | ProxyError::Upstream { .. } => {
+            tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
+        }
+    }
+}
+
+/// Displays an error with its whole source chain.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// The answer for a gateway error: the route's handler or page when set, else the JSON default.
+pub fn error_response(
+    e: &ProxyError,
+    route: Option<&Route>,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    if let Some(route) = route {
+        if let Some(custom) = route.error_handler.as_ref().and_then(|h| h(e)) {
+            return custom.map(ResponseBody::full);
+        }
+        if let Some(page) = &route.error {
+            let mut resp = Response::new(ResponseBody::full(page.body.clone()));
+            *resp.status_mut() = page.status.unwrap_or_else(|| e.status());
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, page.content_type.clone());
+            return resp;
+        }
+    }
+    let status = e.status();
+    let body = serde_json::json!({
+        "error": status.canonical_reason().unwrap_or("Error"),
+        "message": e.message(),
+        "request_id": request_id.to_str().unwrap_or(""),
+    });
+    json_response(status, &body)
+}
+
+/// A JSON answer made by the gateway.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

@@ -1,0 +1,142 @@
+//! `ProxyError`: everything that can go wrong on the request path, its one mapping to an HTTP
+//! status, and whether it is safe to retry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::StatusCode;
+
+/// A request-path failure. Mapped to a status exactly once, in [`ProxyError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matches the path.
+    #[error("no route for {path}")]
+    NoRoute {
+        /// The normalised request path.
+        path: String,
+    },
+    /// The route's service has no available endpoint.
+    #[error("service {service} has no healthy endpoints")]
+    NoEndpoint {
+        /// The service.
+        service: Arc<str>,
+    },
+    /// The upstream could not be connected to; nothing was sent.
+    #[error("connecting to {addr} failed")]
+    Connect {
+        /// The endpoint.
+        addr: Authority,
+        /// Why.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// No response headers arrived in time.
+    #[error("{addr} sent no response headers within {after:?}")]
+    UpstreamTimeout {
+        /// The endpoint.
+        addr: Authority,
+        /// The route's timeout.
+        after: Duration,
+    },
+    /// The upstream connection failed after the request started.
+    #[error("{addr} failed before answering")]
+    Upstream {
+        /// The endpoint.
+        addr: Authority,
+        /// Why.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The request body is larger than the route allows.
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge {
+        /// The route's `max_body`.
+        limit: u64,
+    },
+    /// The upstream request could not be built from the client's request.
+    #[error("invalid upstream request")]
+    InvalidRequest {
+        /// Why.
+        #[source]
+        source: http::Error,
+    },
+}
+
+impl ProxyError {
+    /// The status the client gets. Exhaustive on purpose: a new variant forces a decision.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Safe to retry on another endpoint whatever the method: the upstream never saw the request.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+
+    /// A short human message for the JSON error body.
+    pub fn message(&self) -> String {
+        match self {
+            Self::NoRoute { .. } => "no route matches this path".into(),
+            Self::NoEndpoint { service } => format!("service {service} has no available endpoint"),
+            Self::Connect { .. } => "the upstream service could not be reached".into(),
+            Self::UpstreamTimeout { after, .. } => {
+                format!("the upstream service did not answer within {after:?}")
+            }
+            Self::Upstream { .. } => "the upstream service failed before answering".into(),
+            Self::BodyTooLarge { limit } => {
+                format!("request body exceeds the limit of {limit} bytes")
+            }
+            Self::InvalidRequest { .. } => "the request cannot be forwarded".into(),
+        }
+    }
+
+    /// Whether the failure should count against the endpoint (not the client's fault).
+    pub fn is_upstream_failure(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Upstream { .. } | Self::UpstreamTimeout { .. } => true,
+            Self::NoRoute { .. }
+            | Self::NoEndpoint { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::InvalidRequest { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        let addr: Authority = "127.0.0.1:1".parse().unwrap();
+        let cases = [
+            (ProxyError::NoRoute { path: "/x".into() }, 404),
+            (
+                ProxyError::NoEndpoint {
+                    service: "s".into(),
+                },
+                503,
+            ),
+            (
+                ProxyError::UpstreamTimeout {
+                    addr,
+                    after: Duration::from_secs(1),
+                },
+                504,
+            ),
+            (ProxyError::BodyTooLarge { limit: 1 }, 413),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert!(!e.is_retryable());
+        }
+    }
+}

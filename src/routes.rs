@@ -1,0 +1,324 @@
+//! The route table: longest-prefix matching on segment boundaries over dot-normalised paths,
+//! and the rewrite chain. Pure functions; the proxy owns what happens after a match.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balancer::{Picker, ServicePool};
+use crate::config::{ErrorPage, RouteConfig};
+use crate::proxy::headers::HeaderOps;
+use crate::proxy::ErrorHandler;
+
+/// One path rewrite step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Remove the prefix when the path starts with it on a segment boundary.
+    StripPrefix(String),
+    /// Put the prefix in front.
+    AddPrefix(String),
+    /// Replace prefix `from` (on a segment boundary) with `to`.
+    ReplacePrefix {
+        /// Prefix to look for.
+        from: String,
+        /// Its replacement.
+        to: String,
+    },
+}
+
+impl Rewrite {
+    fn apply(&self, path: &str) -> Option<String> {
+        match self {
+            Rewrite::StripPrefix(p) => strip_segment_prefix(path, p).map(|rest| {
+                if rest.is_empty() {
+                    "/".to_owned()
+                } else {
+                    rest.to_owned()
+                }
+            }),
+            Rewrite::AddPrefix(p) if p == "/" => None,
+            Rewrite::AddPrefix(p) => Some(if path == "/" {
+                p.clone()
+            } else {
+                format!("{p}{path}")
+            }),
+            Rewrite::ReplacePrefix { from, to } => {
+                strip_segment_prefix(path, from).map(|rest| match (to.as_str(), rest) {
+                    ("/", "") => "/".to_owned(),
+                    ("/", rest) => rest.to_owned(),
+                    (to, rest) => format!("{to}{rest}"),
+                })
+            }
+        }
+    }
+}
+
+/// Applies the rewrite chain in order; steps that do not match leave the path as it is.
+/// Percent-escapes are never decoded or re-encoded.
+pub fn rewrite_path(path: &str, chain: &[Rewrite]) -> String {
+    let mut current: Option<String> = None;
+    for step in chain {
+        if let Some(next) = step.apply(current.as_deref().unwrap_or(path)) {
+            current = Some(next);
+        }
+    }
+    current.unwrap_or_else(|| path.to_owned())
+}
+
+/// The rest of `path` after `prefix` when `prefix` ends on a segment boundary of `path`
+/// (`/api` matches `/api` and `/api/x`, never `/apix`). The root prefix matches everything.
+fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    if prefix == "/" {
+        return Some(path);
+    }
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
+/// Canonical form of a configured prefix: `/x/*` and `/x/` mean `/x`; the root stays `/`.
+pub fn normalise_prefix(p: &str) -> String {
+    let p = p.strip_suffix('*').unwrap_or(p);
+    let p = p.trim_end_matches('/');
+    if p.is_empty() {
+        "/".to_owned()
+    } else {
+        p.to_owned()
+    }
+}
+
+/// Removes `.` and `..` segments (RFC 3986 section 5.2.4) so a path can never climb out of a
+/// prefix. Percent-encoded dots (`%2e`) count as dots, since upstreams may decode them.
+/// Returns `None` when the path has no dot segment (the common case, no allocation).
+pub fn remove_dot_segments(path: &str) -> Option<String> {
+    let is_dot = |s: &str| s == "." || s.eq_ignore_ascii_case("%2e");
+    let is_dotdot = |s: &str| {
+        s == ".."
+            || (s.len() >= 2 && s.len() <= 6 && {
+                let l = s.to_ascii_lowercase();
+                l == ".%2e" || l == "%2e." || l == "%2e%2e"
+            })
+    };
+    if !path.split('/').any(|s| is_dot(s) || is_dotdot(s)) {
+        return None;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        if is_dot(seg) {
+            trailing_slash = i == last;
+        } else if is_dotdot(seg) {
+            out.pop();
+            trailing_slash = i == last;
+        } else {
+            out.push(seg);
+            trailing_slash = false;
+        }
+    }
+    let mut s = String::with_capacity(path.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if trailing_slash || s.is_empty() {
+        s.push('/');
+    }
+    Some(s)
+}
+
+/// A live route: its settings plus its pool and picker, resolved once when the table is built.
+pub struct Route {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// Normalised prefix.
+    pub path: String,
+    /// The service's pool.
+    pub pool: Arc<ServicePool>,
+    /// Policy and cursor.
+    pub picker: Picker,
+    /// Rewrite chain.
+    pub rewrite: Vec<Rewrite>,
+    /// Until response headers arrive.
+    pub timeout: Duration,
+    /// Pass the client's Host.
+    pub preserve_host: bool,
+    /// Request header changes.
+    pub request_headers: HeaderOps,
+    /// Response header changes.
+    pub response_headers: HeaderOps,
+    /// Custom error answer from the config.
+    pub error: Option<ErrorPage>,
+    /// Custom error answer from the library API; wins over `error`.
+    pub error_handler: Option<ErrorHandler>,
+    /// Request body limit.
+    pub max_body: Option<u64>,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Route {
+    /// Builds the live route from its config and its service's pool.
+    pub fn new(
+        cfg: &RouteConfig,
+        pool: Arc<ServicePool>,
+        error_handler: Option<ErrorHandler>,
+    ) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            path: cfg.path.clone(),
+            pool,
+            picker: Picker::new(cfg.policy),
+            rewrite: cfg.rewrite.clone(),
+            timeout: cfg.timeout,
+            preserve_host: cfg.preserve_host,
+            request_headers: cfg.request_headers.clone(),
+            response_headers: cfg.response_headers.clone(),
+            error: cfg.error.clone(),
+            error_handler,
+            max_body: cfg.max_body,
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request and whether the gateway failed it.
+    pub fn record(&self, failed: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests routed here.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests the gateway answered with an error of its own.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Routes ordered for longest-prefix matching.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Longest prefix first.
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Orders routes so the first match is the longest prefix.
+    pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
+        routes.sort_by(|a, b| {
+            b.path
+                .len()
+                .cmp(&a.path.len())
+                .then_with(|| a.path.cmp(&b.path))
+        });
+        Self { routes }
+    }
+
+    /// The route whose prefix matches `path` (already dot-normalised) on a segment boundary.
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|r| strip_segment_prefix(path, &r.path).is_some())
+    }
+
+    /// All routes, longest prefix first.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_removed() {
+        let cases = [
+            ("/a/b/c", None),
+            ("/api/v1/users/../../admin", Some("/api/admin")),
+            ("/api/v1/users/../../../../admin", Some("/admin")),
+            ("/a/./b/.", Some("/a/b/")),
+            ("/a/b/..", Some("/a/")),
+            ("/a/%2e%2e/b", Some("/b")),
+            ("/a/%2E./b", Some("/b")),
+            ("/a/.%2e", Some("/")),
+            ("/..", Some("/")),
+            ("/a/..b/c", None),
+            ("/a/%2e%2f/c", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(remove_dot_segments(input).as_deref(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert_eq!(
+            strip_segment_prefix("/api/v1/users", "/api/v1/users"),
+            Some("")
+        );
+        assert_eq!(
+            strip_segment_prefix("/api/v1/users/7", "/api/v1/users"),
+            Some("/7")
+        );
+        assert_eq!(
+            strip_segment_prefix("/api/v1/usersx", "/api/v1/users"),
+            None
+        );
+        assert_eq!(strip_segment_prefix("/anything", "/"), Some("/anything"));
+        assert_eq!(normalise_prefix("/api/v1/users/*"), "/api/v1/users");
+        assert_eq!(normalise_prefix("/api/"), "/api");
+        assert_eq!(normalise_prefix("/*"), "/");
+        assert_eq!(normalise_prefix("/"), "/");
+    }
+
+    #[test]
+    fn rewrite_chain_applies_in_order() {
+        let chain = [
+            Rewrite::StripPrefix("/api/v1".into()),
+            Rewrite::ReplacePrefix {
+                from: "/users".into(),
+                to: "/people".into(),
+            },
+            Rewrite::AddPrefix("/internal".into()),
+        ];
+        assert_eq!(
+            rewrite_path("/api/v1/users/7", &chain),
+            "/internal/people/7"
+        );
+        assert_eq!(rewrite_path("/api/v1/users", &chain), "/internal/people");
+        assert_eq!(rewrite_path("/api/v1", &chain[..1]), "/");
+        // Non-matching steps leave the path alone; escapes stay as they are.
+        assert_eq!(
+            rewrite_path("/other/a%2Fb", &chain),
+            "/internal/other/a%2Fb"
+        );
+        assert_eq!(rewrite_path("/api/v1x", &chain[..1]), "/api/v1x");
+        assert_eq!(
+            rewrite_path(
+                "/a/b",
+                &[Rewrite::ReplacePrefix {
+                    from: "/a".into(),
+                    to: "/".into()
+                }]
+            ),
+            "/b"
+        );
+        assert_eq!(rewrite_path("/", &[Rewrite::AddPrefix("/x".into())]), "/x");
+    }
+}

@@ -1,0 +1,141 @@
+//! Listeners: the accept loops, one task per connection, connection limits, and graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::proxy::{self, ProxyState};
+
+/// Builds the downstream connection builder: HTTP/1.1 with keep-alive and h2c by prior knowledge.
+pub fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(cfg.max_header_bytes as u32);
+    builder
+}
+
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The proxy (and the seed's `/health` and `/status`).
+    Main,
+    /// Admin endpoints only.
+    Admin,
+}
+
+/// Accepts connections until `stop` is cancelled; every connection is watched by `graceful`.
+pub async fn serve(
+    listener: TcpListener,
+    role: Role,
+    state: Arc<ProxyState>,
+    cfg: ServerConfig,
+    graceful: Arc<GracefulShutdown>,
+    stop: CancellationToken,
+) {
+    let builder = Arc::new(connection_builder(&cfg));
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    accept_error(&e).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+        let state = state.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(dispatch(&state, role, req, peer).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    tracing::debug!(?role, "stopped accepting");
+}
+
+async fn dispatch(
+    state: &ProxyState,
+    role: Role,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> hyper::Response<proxy::ResponseBody> {
+    match role {
+        Role::Main => proxy::handle(state, req, peer).await,
+        Role::Admin => crate::admin::respond(state, &req),
+    }
+}
+
+/// Accept errors are per-connection (the peer went away) or resource exhaustion; neither ends
+/// the loop. Out of file descriptors, pause briefly so we do not spin.
+async fn accept_error(e: &std::io::Error) {
+    let exhausted = matches!(e.raw_os_error(), Some(23) | Some(24)); // ENFILE, EMFILE
+    tracing::warn!(error = %e, "accept failed");
+    if exhausted {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

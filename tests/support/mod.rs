@@ -1,0 +1,5 @@
+//! Test support: real loopback servers and the real gateway. Not every test uses every helper.
+#![allow(dead_code)]
+
+pub mod gateway;
+pub mod upstream;
