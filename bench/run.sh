@@ -185,14 +185,9 @@ fi
 MAXC=$OTHER_C
 for c in "${CONC_LIST[@]}"; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
 for s in "${SCEN_LIST[@]}"; do case "$s" in ka*) [ "${s#ka}" -gt "$MAXC" ] && MAXC=${s#ka} ;; esac; done
-# HAProxy sizes its fd limit from maxconn (2 per connection) and cannot go past the hard limit,
-# so ask for room for 30000 connections, and size HAProxy's maxconn from what we got.
 want_fds=$(( (IDLE_CONNS > MAXC ? IDLE_CONNS : MAXC) * 2 + 1024 ))
-[ "$want_fds" -lt 65536 ] && want_fds=65536
 raise_nofile "$want_fds"
 NOFILE="$(ulimit -n)"
-if [ "$NOFILE" = unlimited ]; then HAPROXY_MAXCONN=30000; else HAPROXY_MAXCONN=$(( (NOFILE - 200) / 2 )); fi
-[ "$HAPROXY_MAXCONN" -gt 30000 ] && HAPROXY_MAXCONN=30000
 if [ "$NOFILE" != unlimited ] && [ "$NOFILE" -lt $((IDLE_CONNS + 512)) ]; then
   log "WARNING: open-files limit is $NOFILE; idle scenario reduced to $((NOFILE - 512)) connections"
   IDLE_CONNS=$((NOFILE - 512))
@@ -214,10 +209,11 @@ ports="$(free_ports 8 "$PORT_BASE")" || die "could not reserve 8 free ports on 1
 read -r P_BA P_BB P_SA P_SB P_NGINX P_HAPROXY P_MESHGATE P_ADMIN <<<"$ports"
 for p in $ports; do need_port_free "$p"; done
 
-render "$CONF_DIR/backend.conf.in" "$RUN_DIR/backend-a.conf" RUN="$RUN_DIR" NAME=a PORT="$P_BA" STATUS_PORT="$P_SA"
-render "$CONF_DIR/backend.conf.in" "$RUN_DIR/backend-b.conf" RUN="$RUN_DIR" NAME=b PORT="$P_BB" STATUS_PORT="$P_SB"
-render "$CONF_DIR/nginx-proxy.conf.in" "$RUN_DIR/nginx-proxy.conf" RUN="$RUN_DIR" PORT="$P_NGINX" BA="$P_BA" BB="$P_BB"
-render "$CONF_DIR/haproxy.cfg.in" "$RUN_DIR/haproxy.cfg" PORT="$P_HAPROXY" BA="$P_BA" BB="$P_BB" MAXCONN="$HAPROXY_MAXCONN"
+NGX_NOFILE="$NOFILE"; [ "$NGX_NOFILE" = unlimited ] && NGX_NOFILE=65536
+render "$CONF_DIR/backend.conf.in" "$RUN_DIR/backend-a.conf" NOFILE="$NGX_NOFILE" RUN="$RUN_DIR" NAME=a PORT="$P_BA" STATUS_PORT="$P_SA"
+render "$CONF_DIR/backend.conf.in" "$RUN_DIR/backend-b.conf" NOFILE="$NGX_NOFILE" RUN="$RUN_DIR" NAME=b PORT="$P_BB" STATUS_PORT="$P_SB"
+render "$CONF_DIR/nginx-proxy.conf.in" "$RUN_DIR/nginx-proxy.conf" NOFILE="$NGX_NOFILE" RUN="$RUN_DIR" PORT="$P_NGINX" BA="$P_BA" BB="$P_BB"
+render "$CONF_DIR/haproxy.cfg.in" "$RUN_DIR/haproxy.cfg" PORT="$P_HAPROXY" BA="$P_BA" BB="$P_BB"
 render "$CONF_DIR/meshgate.toml.in" "$RUN_DIR/meshgate.toml" PORT="$P_MESHGATE" ADMIN_PORT="$P_ADMIN" BA="$P_BA" BB="$P_BB"
 
 declare -A PORT=([direct]="$P_BA" [nginx]="$P_NGINX" [haproxy]="$P_HAPROXY" [meshgate]="$P_MESHGATE")

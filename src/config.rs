@@ -487,7 +487,13 @@ fn parse_target(check: &mut Check, path: &str, target: &RawTarget) -> Option<(Sc
     Some((scheme, Discovered::new(host, port, weight)))
 }
 
-fn parse_targets(check: &mut Check, path: &str, targets: &[RawTarget]) -> Option<StaticService> {
+/// A static service may be empty (it answers 503 until changed at run time); route targets may not.
+fn parse_targets(
+    check: &mut Check,
+    path: &str,
+    targets: &[RawTarget],
+    allow_empty: bool,
+) -> Option<StaticService> {
     let mut scheme = None;
     let mut endpoints = Vec::new();
     for (i, t) in targets.iter().enumerate() {
@@ -500,7 +506,11 @@ fn parse_targets(check: &mut Check, path: &str, targets: &[RawTarget]) -> Option
         }
     }
     if targets.is_empty() {
-        check.err(path, "needs at least one target");
+        if allow_empty {
+            scheme = Some(Scheme::HTTP);
+        } else {
+            check.err(path, "needs at least one target");
+        }
     }
     Some(StaticService {
         scheme: scheme?,
@@ -581,7 +591,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let mut static_services = BTreeMap::new();
     for (name, targets) in &raw.discovery.static_.services {
         let path = format!("discovery.static.services.{name}");
-        if let Some(svc) = parse_targets(&mut c, &path, targets) {
+        if let Some(svc) = parse_targets(&mut c, &path, targets, true) {
             static_services.insert(Arc::<str>::from(name.as_str()), svc);
         }
     }
@@ -748,7 +758,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                         format!("{name:?} is also a service in discovery.static.services; a route with targets owns a service of its own name"),
                     );
                 }
-                parse_targets(&mut c, &format!("{rp}.targets"), t).map(Backend::Targets)
+                parse_targets(&mut c, &format!("{rp}.targets"), t, false).map(Backend::Targets)
             }
             (None, Some(s)) => {
                 if provider == Provider::Static && !static_services.contains_key(s.as_str()) {
