@@ -1,7 +1,6 @@
 //! Listeners: the accept loops, one task per connection, connection limits, and graceful drain.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,8 +115,8 @@ async fn accept_error(e: &std::io::Error) {
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub fn shutdown_signal() -> impl Future<Output = ()> {
-    async {
+pub async fn shutdown_signal() {
+    {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};

@@ -69,7 +69,7 @@ async fn gateway_errors_have_status_and_json_body() {
     assert_eq!(s, 502);
     assert_eq!(body["error"], "Bad Gateway");
 
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let (s, body, _) = json(c.get(gw.url("/slow")).send().await.unwrap()).await;
     assert_eq!(s, 504);
     assert_eq!(body["error"], "Gateway Timeout");
