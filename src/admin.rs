@@ -12,7 +12,8 @@ use http::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::balancer::{Endpoint, ServicePool};
+use crate::balancer::Endpoint;
+use crate::discovery::registry::ServiceEntry;
 use crate::proxy::{json_response, ProxyState, ResponseBody};
 
 /// Readiness and uptime. Readiness starts false and is set once discovery has synced; it goes
@@ -20,6 +21,7 @@ use crate::proxy::{json_response, ProxyState, ResponseBody};
 #[derive(Debug)]
 pub struct AdminState {
     ready: AtomicBool,
+    shutting_down: AtomicBool,
     started: Instant,
     token: Option<String>,
 }
@@ -29,14 +31,22 @@ impl AdminState {
     pub fn new(token: Option<String>) -> Self {
         Self {
             ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
             started: Instant::now(),
             token,
         }
     }
 
-    /// Marks the gateway ready or not.
+    /// Marks the gateway ready or not; once shutdown began it stays not ready.
     pub fn set_ready(&self, ready: bool) {
+        let ready = ready && !self.shutting_down.load(Ordering::SeqCst);
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// First step of shutdown: readiness fails from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.ready.store(false, Ordering::SeqCst);
     }
 
     /// Whether `/ready` answers 200.
@@ -82,6 +92,22 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
             resp
         }
         (&Method::GET, "/health") => json_response(StatusCode::OK, &health(state)),
+        (&Method::POST, "/reload") => match state.reloader.get() {
+            None => json_response(
+                StatusCode::CONFLICT,
+                &json!({"error": "Conflict", "message": "this gateway was not started from a config file"}),
+            ),
+            Some(r) => match r.reload() {
+                Ok(done) => json_response(
+                    StatusCode::OK,
+                    &json!({"reloaded": true, "restart_needed": done.restart_needed}),
+                ),
+                Err(e) => json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"reloaded": false, "error": "invalid configuration", "problems": e.problems()}),
+                ),
+            },
+        },
         (&Method::GET, "/status") => {
             let text = req
                 .headers()
@@ -123,7 +149,10 @@ fn endpoint_json(ep: &Endpoint) -> Value {
         "weight": ep.weight(),
         "status": ep.source.status.as_str(),
         "healthy": s.is_healthy(),
+        "ejected": s.is_ejected(),
+        "ejections": s.ejections(),
         "available": ep.is_available(),
+        "excluded_because": ep.exclusion(),
         "in_flight": s.in_flight(),
         "requests": req,
         "failures": fail,
@@ -132,10 +161,18 @@ fn endpoint_json(ep: &Endpoint) -> Value {
     })
 }
 
-fn service_json(pool: &ServicePool) -> Value {
+fn service_json(entry: &ServiceEntry) -> Value {
+    let pool = &entry.pool;
     let snap = pool.snapshot();
+    let discovery = match &entry.sync {
+        Some(sync) => serde_json::to_value(sync.snapshot()).unwrap_or(Value::Null),
+        None => Value::Null,
+    };
     json!({
         "name": &**pool.name(),
+        "source": entry.source,
+        "discovery": discovery,
+        "probed": entry.probed,
         "revision": pool.revision(),
         "endpoints_total": snap.len(),
         "endpoints_available": snap.available(),
@@ -171,7 +208,7 @@ pub fn health(state: &ProxyState) -> Value {
         "ready": state.admin.is_ready(),
         "uptime_seconds": state.admin.started.elapsed().as_secs(),
         "routes": routes,
-        "services": state.pools.values().map(|p| service_json(p)).collect::<Vec<_>>(),
+        "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
     })
 }
 
@@ -196,7 +233,8 @@ pub fn status(state: &ProxyState) -> Value {
     json!({
         "ready": state.admin.is_ready(),
         "routes": routes,
-        "services": state.pools.values().map(|p| service_json(p)).collect::<Vec<_>>(),
+        "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
+        "notes": &**state.notes.load(),
     })
 }
 
@@ -215,7 +253,8 @@ fn status_text(state: &ProxyState) -> String {
         );
     }
     let _ = writeln!(out, "services:");
-    for p in state.pools.values() {
+    for entry in state.services.load().values() {
+        let p = &entry.pool;
         let snap = p.snapshot();
         let _ = writeln!(
             out,

@@ -5,8 +5,9 @@ pub mod policy;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
@@ -19,7 +20,17 @@ pub use policy::{Picker, Policy};
 /// so counters and health survive discovery updates.
 #[derive(Debug)]
 pub struct EndpointState {
+    /// Written only by active health probes.
     healthy: AtomicBool,
+    /// Passive ejection: `clock::now_ms()` until which no traffic goes here; 0 = not ejected.
+    ejected_until_ms: AtomicU64,
+    /// How often this endpoint has been ejected (multiplies the ejection time).
+    ejections: AtomicU32,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway_failures: AtomicU32,
+    /// When the endpoint last became eligible (new, healthy again, back from ejection); slow
+    /// start ramps its share from here. 0 = ramp over.
+    ramp_start_ms: AtomicU64,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     failures: AtomicU64,
@@ -29,20 +40,87 @@ impl EndpointState {
     fn new(healthy: bool) -> Self {
         Self {
             healthy: AtomicBool::new(healthy),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gateway_failures: AtomicU32::new(0),
+            ramp_start_ms: AtomicU64::new(if healthy { crate::clock::now_ms() } else { 0 }),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
     }
 
-    /// Whether health checking currently lets traffic through (true until a health task says otherwise).
+    /// Whether active health checking lets traffic through (true unless probes failed it).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Sets the health flag; only the health module calls this.
-    pub fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::Relaxed);
+    /// Sets the probe verdict; only the health module calls this. Returns whether it changed.
+    /// Becoming healthy also ends any ejection and starts the slow-start ramp.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if healthy && !was {
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+            self.ramp_start_ms
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
+        }
+        was != healthy
+    }
+
+    /// Whether passive ejection currently keeps traffic away. Reads the clock only while an
+    /// ejection is recorded; an expired one is cleared here and the ramp starts.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        let now = crate::clock::now_ms();
+        if now < until {
+            return true;
+        }
+        if self
+            .ejected_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.ramp_start_ms.store(now, Ordering::Relaxed);
+            tracing::info!("endpoint returns from ejection");
+        }
+        false
+    }
+
+    /// Ends an ejection early (a passing active probe); returns whether one was in force.
+    pub fn end_ejection(&self) -> bool {
+        if self.ejected_until_ms.swap(0, Ordering::Relaxed) != 0 {
+            self.ramp_start_ms
+                .store(crate::clock::now_ms(), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Times this endpoint was ejected.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Share of its weight the endpoint gets now, in (0, 1]: below 1 during slow start.
+    pub fn ramp(&self, slow_start: Duration) -> f64 {
+        let start = self.ramp_start_ms.load(Ordering::Relaxed);
+        if start == 0 || slow_start.is_zero() {
+            return 1.0;
+        }
+        let elapsed = crate::clock::now_ms().saturating_sub(start) as f64;
+        let total = slow_start.as_millis() as f64;
+        if elapsed >= total {
+            let _ =
+                self.ramp_start_ms
+                    .compare_exchange(start, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return 1.0;
+        }
+        // A small floor so a fresh endpoint gets a first request and can prove itself.
+        (elapsed / total).max(0.05)
     }
 
     /// Requests currently holding a lease on this endpoint (open response bodies included).
@@ -59,6 +137,41 @@ impl EndpointState {
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
+}
+
+/// Passive ejection (outlier detection) settings of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Eject after this many 5xx answers (gateway failures included) in a row; 0 = off.
+    pub consecutive_5xx: u32,
+    /// Eject after this many 502/503/504 answers, connect failures or timeouts in a row; 0 = off.
+    pub consecutive_gateway_failures: u32,
+    /// Ejection time, multiplied by how often the endpoint has been ejected.
+    pub base_ejection_time: Duration,
+    /// Cap on one ejection's time.
+    pub max_ejection_time: Duration,
+    /// Never eject more than this share of the pool (percent).
+    pub max_ejection_percent: u32,
+}
+
+/// Settings that shape how a pool treats its endpoints; carried in every snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// New endpoints wait for a passing probe before taking traffic.
+    pub start_unhealthy: bool,
+    /// Ramp an endpoint's share up over this time after it becomes eligible; zero = off.
+    pub slow_start: Duration,
+    /// Passive ejection; `None` = off.
+    pub outlier: Option<OutlierConfig>,
+}
+
+/// How one request to an endpoint ended, for passive ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered with this status.
+    Status(u16),
+    /// Connect failure, reset or timeout: the endpoint did not answer.
+    GatewayFailure,
 }
 
 /// One endpoint of a snapshot: immutable address and weight plus the shared mutable state.
@@ -82,9 +195,22 @@ impl Endpoint {
         self.source.weight
     }
 
-    /// Eligible for new requests: healthy and with a positive weight.
+    /// Eligible for new requests: positive weight, healthy, not ejected.
     pub fn is_available(&self) -> bool {
-        self.source.weight > 0 && self.state.is_healthy()
+        self.source.weight > 0 && self.state.is_healthy() && !self.state.is_ejected()
+    }
+
+    /// Why the endpoint takes no traffic now, or `None` when it is available.
+    pub fn exclusion(&self) -> Option<&'static str> {
+        if self.source.weight == 0 {
+            Some("weight 0")
+        } else if !self.state.is_healthy() {
+            Some("failed active health checks")
+        } else if self.state.is_ejected() {
+            Some("ejected after consecutive failures")
+        } else {
+            None
+        }
     }
 }
 
@@ -92,6 +218,7 @@ impl Endpoint {
 #[derive(Debug, Default)]
 pub struct Endpoints {
     list: Box<[Arc<Endpoint>]>,
+    settings: Arc<PoolSettings>,
     /// Smooth weighted round-robin order (nginx's algorithm), as indices into `list`.
     wrr: Box<[u32]>,
     /// Running weight totals, for weighted random picks.
@@ -99,7 +226,7 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    fn build(list: Vec<Arc<Endpoint>>) -> Self {
+    fn build(list: Vec<Arc<Endpoint>>, settings: Arc<PoolSettings>) -> Self {
         let weights: Vec<u32> = list.iter().map(|e| e.weight()).collect();
         let wrr = policy::smooth_wrr_sequence(&weights).into_boxed_slice();
         let mut total = 0u64;
@@ -112,9 +239,15 @@ impl Endpoints {
             .collect();
         Self {
             list: list.into_boxed_slice(),
+            settings,
             wrr,
             cumulative,
         }
+    }
+
+    /// The pool settings this snapshot was built with.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
     }
 
     /// The endpoints in discovery order (sorted by host and port).
@@ -221,11 +354,12 @@ impl ServicePool {
             .map(|e| ((e.source.host.clone(), e.source.port), &e.state))
             .collect();
         let mut list = Vec::with_capacity(discovered.len());
+        let start_healthy = !old.settings.start_unhealthy;
         for d in discovered {
             let state = kept
                 .remove(&(d.host.clone(), d.port))
                 .cloned()
-                .unwrap_or_else(|| Arc::new(EndpointState::new(true)));
+                .unwrap_or_else(|| Arc::new(EndpointState::new(start_healthy)));
             match endpoint(d, state) {
                 Some(ep) => list.push(Arc::new(ep)),
                 None => {
@@ -233,10 +367,86 @@ impl ServicePool {
                 }
             }
         }
-        self.current.store(Arc::new(Endpoints::build(list)));
+        let settings = old.settings.clone();
+        self.current
+            .store(Arc::new(Endpoints::build(list, settings)));
         drop(old);
         self.revision.send_modify(|r| *r += 1);
         true
+    }
+
+    /// Installs new settings, keeping the endpoints; returns whether anything changed.
+    pub fn set_settings(&self, settings: PoolSettings) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load();
+        if *old.settings == settings {
+            return false;
+        }
+        let list = old.list.to_vec();
+        self.current
+            .store(Arc::new(Endpoints::build(list, Arc::new(settings))));
+        true
+    }
+
+    /// Feeds passive ejection with how a request to `ep` ended.
+    pub fn report(&self, ep: &Endpoint, outcome: Outcome) {
+        let eps = self.current.load();
+        let Some(cfg) = &eps.settings.outlier else {
+            return;
+        };
+        let s = &ep.state;
+        let (c5, cg) = match outcome {
+            Outcome::Status(code) if code < 500 => {
+                // Stores only when needed: a healthy stream of 2xx touches no shared line.
+                if s.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                    s.consecutive_5xx.store(0, Ordering::Relaxed);
+                }
+                if s.consecutive_gateway_failures.load(Ordering::Relaxed) != 0 {
+                    s.consecutive_gateway_failures.store(0, Ordering::Relaxed);
+                }
+                return;
+            }
+            Outcome::Status(code) => {
+                let c5 = s.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+                let cg = if (502..=504).contains(&code) {
+                    s.consecutive_gateway_failures
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1
+                } else {
+                    s.consecutive_gateway_failures.store(0, Ordering::Relaxed);
+                    0
+                };
+                (c5, cg)
+            }
+            Outcome::GatewayFailure => (
+                s.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1,
+                s.consecutive_gateway_failures
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1,
+            ),
+        };
+        let trip = (cfg.consecutive_5xx > 0 && c5 >= cfg.consecutive_5xx)
+            || (cfg.consecutive_gateway_failures > 0 && cg >= cfg.consecutive_gateway_failures);
+        if !trip || s.is_ejected() {
+            return;
+        }
+        let ejected = eps.list.iter().filter(|e| e.state.is_ejected()).count();
+        if (ejected + 1) * 100 > cfg.max_ejection_percent as usize * eps.list.len() {
+            tracing::debug!(service = %self.name, upstream.addr = %ep.authority, "not ejecting: max_ejection_percent reached");
+            return;
+        }
+        let n = s.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = cfg
+            .base_ejection_time
+            .saturating_mul(n)
+            .min(cfg.max_ejection_time.max(cfg.base_ejection_time));
+        s.ejected_until_ms.store(
+            crate::clock::now_ms() + time.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        s.consecutive_5xx.store(0, Ordering::Relaxed);
+        s.consecutive_gateway_failures.store(0, Ordering::Relaxed);
+        tracing::warn!(service = %self.name, upstream.addr = %ep.authority, ejection_time = ?time, ejections = n, "endpoint ejected");
     }
 }
 

@@ -11,14 +11,16 @@ use http::Response;
 use crate::balancer::Policy;
 use crate::config::raw::{RawConfig, RawReplace, RawRewrite, RawRoute, RawSize, RawTarget};
 use crate::config::{Config, ConfigError, Env};
+use crate::health::{HealthCallback, HealthChange};
 use crate::proxy::{ErrorHandler, ProxyError};
-use crate::Gateway;
+use crate::{Gateway, GatewayError};
 
 /// Builds a [`Gateway`] in code.
 #[derive(Default)]
 pub struct GatewayBuilder {
     raw: RawConfig,
     handlers: HashMap<String, ErrorHandler>,
+    on_health_change: Option<HealthCallback>,
 }
 
 impl GatewayBuilder {
@@ -75,10 +77,22 @@ impl GatewayBuilder {
         Ok((Config::from_raw(self.raw, &Env::default())?, self.handlers))
     }
 
+    /// Called on every endpoint health transition (the seed's `OnHealthChange`).
+    pub fn on_health_change(mut self, f: impl Fn(&HealthChange) + Send + Sync + 'static) -> Self {
+        self.on_health_change = Some(Arc::new(f));
+        self
+    }
+
+    /// The raw configuration, for settings the builder has no method for.
+    pub fn raw_mut(&mut self) -> &mut RawConfig {
+        &mut self.raw
+    }
+
     /// Validates and builds the gateway.
-    pub fn build(self) -> Result<Gateway, ConfigError> {
+    pub fn build(self) -> Result<Gateway, GatewayError> {
+        let on_health_change = self.on_health_change.clone();
         let (config, handlers) = self.into_parts()?;
-        Ok(Gateway::build_with(config, handlers))
+        Gateway::build_with(config, handlers, on_health_change)
     }
 }
 

@@ -17,10 +17,13 @@ use figment::Figment;
 use http::uri::Scheme;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
-use crate::balancer::Policy;
+use crate::balancer::{OutlierConfig, Policy, PoolSettings};
+use crate::discovery::consul::ConsulSettings;
 use crate::discovery::Discovered;
+use crate::health::HealthCheck;
 use crate::proxy::cors::CorsConfig;
 use crate::proxy::headers::HeaderOps;
+use crate::proxy::retry::{RetryOn, RetryPolicy};
 use crate::routes::Rewrite;
 use raw::*;
 
@@ -185,6 +188,8 @@ pub struct DiscoveryConfig {
     pub provider: Provider,
     /// Statically defined services.
     pub static_services: BTreeMap<Arc<str>, StaticService>,
+    /// Consul settings when the provider is Consul.
+    pub consul: Option<ConsulSettings>,
 }
 
 /// A discovery provider.
@@ -197,7 +202,7 @@ pub enum Provider {
 }
 
 /// A service with fixed endpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StaticService {
     /// How endpoints are reached.
     pub scheme: Scheme,
@@ -241,7 +246,7 @@ pub struct LogConfig {
 }
 
 /// What a route sends traffic to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Backend {
     /// A named service fed by discovery.
     Service(Arc<str>),
@@ -249,8 +254,21 @@ pub enum Backend {
     Targets(StaticService),
 }
 
+/// Settings that belong to the service a route names (shared by every route on it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceSettings {
+    /// Active probes.
+    pub health_check: Option<HealthCheck>,
+    /// Start state, slow start, passive ejection.
+    pub pool: PoolSettings,
+    /// Concurrent requests to the service.
+    pub max_requests: Option<usize>,
+    /// Requests that may queue for `max_requests`.
+    pub max_pending: usize,
+}
+
 /// One validated route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Unique name.
     pub name: Arc<str>,
@@ -274,9 +292,38 @@ pub struct RouteConfig {
     pub error: Option<ErrorPage>,
     /// Request body limit.
     pub max_body: Option<u64>,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Limit on a streaming response once headers arrived.
+    pub stream_timeout: Option<Duration>,
+    /// Panic threshold in percent.
+    pub panic_threshold: Option<f64>,
+    /// Settings of the route's service.
+    pub service_settings: ServiceSettings,
 }
 
 impl RouteConfig {
+    /// A route with default settings, as routes declared by Consul tags get.
+    pub fn for_service(name: &str, path: &str, service: &str) -> Self {
+        Self {
+            name: name.into(),
+            path: crate::routes::normalise_prefix(path),
+            backend: Backend::Service(service.into()),
+            policy: Policy::RoundRobin,
+            rewrite: Vec::new(),
+            timeout: Duration::from_secs(30),
+            preserve_host: true,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+            error: None,
+            max_body: None,
+            retry: RetryPolicy::default(),
+            stream_timeout: None,
+            panic_threshold: None,
+            service_settings: ServiceSettings::default(),
+        }
+    }
+
     /// The service this route's pool is registered under.
     pub fn service_name(&self) -> &Arc<str> {
         match &self.backend {
@@ -287,7 +334,7 @@ impl RouteConfig {
 }
 
 /// A route's custom error answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ErrorPage {
     /// Overrides the error's own status when set.
     pub status: Option<StatusCode>,
@@ -564,6 +611,126 @@ fn prefix(check: &mut Check, path: &str, p: &str) -> String {
     p.to_owned()
 }
 
+fn retry_policy(c: &mut Check, path: &str, r: &RawRetry) -> RetryPolicy {
+    c.unknown(path, &r.unknown);
+    let attempts = c.count(&format!("{path}.attempts"), r.attempts, 1).min(10) as u32;
+    let mut on = RetryOn::default();
+    for (i, cond) in r.on.iter().enumerate() {
+        match cond.as_str() {
+            "connect-failure" => on.connect_failure = true,
+            "reset" => on.reset = true,
+            "timeout" => on.timeout = true,
+            code => match code.parse::<u16>() {
+                Ok(s) if (500..=599).contains(&s) => on.statuses.push(s),
+                _ => c.err(
+                    format!("{path}.on[{i}]"),
+                    format!("unknown retry condition {cond:?}, expected connect-failure, reset, timeout or a 5xx status such as \"503\""),
+                ),
+            },
+        }
+    }
+    let budget = r
+        .budget
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|b| (0.0..=100.0).contains(b));
+    if budget.is_none() {
+        c.err(
+            format!("{path}.budget"),
+            format!(
+                "invalid budget {:?}; expected a percentage such as \"20%\"",
+                r.budget
+            ),
+        );
+    }
+    RetryPolicy {
+        attempts,
+        backoff: c.duration(&format!("{path}.backoff"), &r.backoff),
+        max_backoff: c.duration(&format!("{path}.max_backoff"), &r.max_backoff),
+        per_try_timeout: r
+            .per_try_timeout
+            .as_ref()
+            .map(|t| c.duration(&format!("{path}.per_try_timeout"), t)),
+        on,
+        budget_percent: budget.unwrap_or(20.0),
+        max_body: c.size(&format!("{path}.max_body"), &r.max_body),
+    }
+}
+
+fn health_check(c: &mut Check, path: &str, h: &RawHealthCheck) -> HealthCheck {
+    c.unknown(path, &h.unknown);
+    let method = Method::from_bytes(h.method.as_bytes()).unwrap_or_else(|_| {
+        c.err(
+            format!("{path}.method"),
+            format!("invalid method {:?}", h.method),
+        );
+        Method::GET
+    });
+    let probe_path = prefix(c, &format!("{path}.path"), &h.path);
+    if http::uri::PathAndQuery::try_from(probe_path.as_str()).is_err() {
+        c.err(
+            format!("{path}.path"),
+            format!("invalid path {probe_path:?}"),
+        );
+    }
+    let expected = crate::health::parse_status_ranges(&h.expected_status).unwrap_or_else(|| {
+        c.err(
+            format!("{path}.expected_status"),
+            format!(
+                "invalid status list {:?}; expected e.g. \"200-299\" or \"200,204\"",
+                h.expected_status
+            ),
+        );
+        vec![(200, 299)]
+    });
+    let interval = c.duration(&format!("{path}.interval"), &h.interval);
+    if interval < Duration::from_millis(10) {
+        c.err(format!("{path}.interval"), "must be at least 10ms");
+    }
+    HealthCheck {
+        path: probe_path,
+        method,
+        interval,
+        timeout: c.duration(&format!("{path}.timeout"), &h.timeout),
+        expected,
+        healthy_threshold: c.count(&format!("{path}.healthy_threshold"), h.healthy_threshold, 1)
+            as u32,
+        unhealthy_threshold: c.count(
+            &format!("{path}.unhealthy_threshold"),
+            h.unhealthy_threshold,
+            1,
+        ) as u32,
+        jitter: c.duration(&format!("{path}.jitter"), &h.jitter),
+        tcp: h.tcp,
+    }
+}
+
+fn outlier(c: &mut Check, path: &str, o: &RawOutlier) -> OutlierConfig {
+    c.unknown(path, &o.unknown);
+    let pct = o.max_ejection_percent;
+    if !(0..=100).contains(&pct) {
+        c.err(
+            format!("{path}.max_ejection_percent"),
+            format!("must be from 0 to 100, got {pct}"),
+        );
+    }
+    OutlierConfig {
+        consecutive_5xx: c.count(&format!("{path}.consecutive_5xx"), o.consecutive_5xx, 0) as u32,
+        consecutive_gateway_failures: c.count(
+            &format!("{path}.consecutive_gateway_failures"),
+            o.consecutive_gateway_failures,
+            0,
+        ) as u32,
+        base_ejection_time: c
+            .duration(&format!("{path}.base_ejection_time"), &o.base_ejection_time),
+        max_ejection_time: c.duration(&format!("{path}.max_ejection_time"), &o.max_ejection_time),
+        max_ejection_percent: pct.clamp(0, 100) as u32,
+    }
+}
+
 fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let mut c = Check {
         problems: Vec::new(),
@@ -587,6 +754,18 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             );
             Provider::Static
         }
+    };
+    let consul = match provider {
+        Provider::Consul => match raw.discovery.consul.resolve(&|k| env.get(k)) {
+            Ok(s) => Some(s),
+            Err(problems) => {
+                for (key, message) in problems {
+                    c.err(format!("discovery.consul.{key}"), message);
+                }
+                None
+            }
+        },
+        Provider::Static => None,
     };
     let mut static_services = BTreeMap::new();
     for (name, targets) in &raw.discovery.static_.services {
@@ -709,6 +888,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let mut routes = Vec::new();
     let mut names = BTreeSet::new();
     let mut paths = BTreeMap::new();
+    let mut service_owner: BTreeMap<Arc<str>, (usize, ServiceSettings)> = BTreeMap::new();
     for (i, r) in raw.routes.iter().enumerate() {
         let rp = format!("routes[{i}]");
         c.unknown(&rp, &r.unknown);
@@ -865,6 +1045,70 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             .max_body
             .as_ref()
             .map(|s| c.size(&format!("{rp}.max_body"), s));
+        let retry = retry_policy(&mut c, &format!("{rp}.retry"), &r.retry);
+        let stream_timeout = r
+            .stream_timeout
+            .as_ref()
+            .map(|t| c.duration(&format!("{rp}.stream_timeout"), t));
+        let health_check = r
+            .health_check
+            .as_ref()
+            .map(|h| health_check(&mut c, &format!("{rp}.health_check"), h));
+        let outlier = r
+            .outlier
+            .as_ref()
+            .map(|o| outlier(&mut c, &format!("{rp}.outlier"), o));
+        let slow_start = c.duration(&format!("{rp}.slow_start"), &r.slow_start);
+        if let Some(p) = r.panic_threshold {
+            if !(0.0..=100.0).contains(&p) {
+                c.err(
+                    format!("{rp}.panic_threshold"),
+                    format!("must be a percentage from 0 to 100, got {p}"),
+                );
+            }
+        }
+        let max_requests = r
+            .max_requests
+            .map(|n| c.count(&format!("{rp}.max_requests"), n, 1));
+        let max_pending = r
+            .max_pending
+            .map_or(0, |n| c.count(&format!("{rp}.max_pending"), n, 0));
+        if max_pending > 0 && max_requests.is_none() {
+            c.err(
+                format!("{rp}.max_pending"),
+                "only means something together with max_requests",
+            );
+        }
+        let service_settings = ServiceSettings {
+            health_check,
+            pool: PoolSettings {
+                start_unhealthy: r.start_unhealthy,
+                slow_start,
+                outlier,
+            },
+            max_requests,
+            max_pending,
+        };
+        if r.start_unhealthy && service_settings.health_check.is_none() {
+            c.err(
+                format!("{rp}.start_unhealthy"),
+                "needs a health_check, or new endpoints would never take traffic",
+            );
+        }
+        if let Some(Backend::Service(svc)) = &backend {
+            if service_settings != ServiceSettings::default() {
+                if let Some((prev, settings)) = service_owner.get(svc) {
+                    if settings != &service_settings {
+                        c.err(
+                            &rp,
+                            format!("service {svc:?} already has other health_check/outlier/slow_start/max_requests settings in routes[{prev}]; set them on one route only"),
+                        );
+                    }
+                } else {
+                    service_owner.insert(svc.clone(), (i, service_settings.clone()));
+                }
+            }
+        }
         if let Some(backend) = backend {
             routes.push(RouteConfig {
                 name,
@@ -878,6 +1122,10 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 response_headers,
                 error,
                 max_body,
+                retry,
+                stream_timeout,
+                panic_threshold: r.panic_threshold,
+                service_settings,
             });
         }
     }
@@ -892,6 +1140,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         discovery: DiscoveryConfig {
             provider,
             static_services,
+            consul,
         },
         upstream,
         server,

@@ -1,10 +1,12 @@
 //! Discovery: feeds every service's pool, from the static map or from Consul.
 //! Both providers end in `ServicePool::replace`, so pools behave the same whatever feeds them.
 
-use std::collections::BTreeMap;
+pub mod consul;
+pub mod registry;
+
 use std::sync::Arc;
 
-use crate::balancer::ServicePool;
+use crate::proxy::ProxyState;
 
 /// Aggregated health of one discovered instance (Consul's order: maintenance > critical > warning > passing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -54,32 +56,25 @@ impl Discovered {
 /// The static provider: an in-memory map of service name to endpoints that can change at run time.
 ///
 /// The demo and the tests change it while the gateway runs; each change goes through the same
-/// `ServicePool::replace` as a Consul answer does.
+/// `ServicePool::replace` as a Consul answer does. A reload puts the configured endpoints back.
 #[derive(Clone)]
 pub struct StaticDiscovery {
-    pools: Arc<BTreeMap<Arc<str>, Arc<ServicePool>>>,
+    state: Arc<ProxyState>,
 }
 
 impl StaticDiscovery {
-    pub(crate) fn new(pools: BTreeMap<Arc<str>, Arc<ServicePool>>) -> Self {
-        Self {
-            pools: Arc::new(pools),
-        }
+    pub(crate) fn new(state: Arc<ProxyState>) -> Self {
+        Self { state }
     }
 
-    /// Replaces the endpoints of `service`; returns false when no such static service exists.
+    /// Replaces the endpoints of a static `service`; false when no such static service exists.
     pub fn set(&self, service: &str, endpoints: Vec<Discovered>) -> bool {
-        match self.pools.get(service) {
-            Some(pool) => {
-                pool.replace(endpoints);
+        match self.state.services.load().get(service) {
+            Some(s) if s.source == registry::Source::Static => {
+                s.pool.replace(endpoints);
                 true
             }
-            None => false,
+            _ => false,
         }
-    }
-
-    /// Names of the services this provider feeds.
-    pub fn services(&self) -> impl Iterator<Item = &str> {
-        self.pools.keys().map(|k| &**k)
     }
 }

@@ -20,32 +20,37 @@
 pub mod admin;
 pub mod balancer;
 pub mod builder;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod health;
 pub mod mock;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use admin::AdminState;
 use balancer::ServicePool;
-use config::{Backend, Config};
+use config::{Config, ConfigError, Env};
+use discovery::registry::{Registry, RegistryError};
 use discovery::StaticDiscovery;
+use health::HealthCallback;
 use proxy::{ErrorHandler, ProxyState};
-use routes::{Route, RouteTable};
+use routes::RouteTable;
 
 /// Already-bound listeners; `main` binds the configured addresses, tests bind port 0.
 #[derive(Debug)]
@@ -74,62 +79,121 @@ fn with_addr(e: std::io::Error, addr: SocketAddr) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("binding {addr}: {e}"))
 }
 
+/// Reloads the configuration from its file (SIGHUP, `POST /reload`, file changes).
+pub struct Reloader {
+    registry: Weak<Registry>,
+    path: PathBuf,
+    env: Env,
+}
+
+/// The outcome of a successful reload.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    /// Settings that changed in the file but need a restart to take effect.
+    pub restart_needed: Vec<String>,
+}
+
+impl Reloader {
+    /// Loads, validates and installs the file. An invalid file changes nothing.
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let config = Config::load(&self.path, &self.env)?;
+        let Some(registry) = self.registry.upgrade() else {
+            return Ok(Reloaded {
+                restart_needed: Vec::new(),
+            });
+        };
+        let restart_needed = registry.reload(config);
+        for r in &restart_needed {
+            tracing::warn!(setting = %r, "changed setting needs a restart to take effect");
+        }
+        tracing::info!(path = %self.path.display(), "configuration reloaded");
+        Ok(Reloaded { restart_needed })
+    }
+
+    /// Reloads and logs the outcome (for signal and file triggers).
+    pub fn reload_and_log(&self, trigger: &str) {
+        if let Err(e) = self.reload() {
+            tracing::error!(trigger, problems = ?e.problems(), "reload rejected; the running configuration stays");
+        }
+    }
+
+    fn fingerprint(&self) -> Option<(std::time::SystemTime, u64)> {
+        let m = std::fs::metadata(&self.path).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    }
+}
+
+/// Why a gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Discovery could not be set up.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
 /// A built gateway: pools, routes and providers, ready to [`run`](Gateway::run).
 pub struct Gateway {
-    config: Config,
+    server: config::ServerConfig,
     state: Arc<ProxyState>,
+    registry: Arc<Registry>,
     static_discovery: StaticDiscovery,
+    watch_file: bool,
 }
 
 impl Gateway {
     /// Builds pools and routes from a validated config.
-    pub fn build(config: Config) -> Self {
-        Self::build_with(config, HashMap::new())
+    pub fn build(config: Config) -> Result<Self, GatewayError> {
+        Self::build_with(config, HashMap::new(), None)
     }
 
-    /// Like [`Gateway::build`], with error handlers written in code, by route name.
-    pub fn build_with(config: Config, mut error_handlers: HashMap<String, ErrorHandler>) -> Self {
-        let mut pools: BTreeMap<Arc<str>, Arc<ServicePool>> = BTreeMap::new();
-        let mut static_pools = BTreeMap::new();
-        for (name, svc) in &config.discovery.static_services {
-            let pool = Arc::new(ServicePool::new(name.clone(), svc.scheme.clone()));
-            pool.replace(svc.endpoints.clone());
-            pools.insert(name.clone(), pool.clone());
-            static_pools.insert(name.clone(), pool);
-        }
-        let mut routes = Vec::new();
-        for rc in &config.routes {
-            let pool = match &rc.backend {
-                Backend::Targets(svc) => {
-                    let pool = Arc::new(ServicePool::new(rc.name.clone(), svc.scheme.clone()));
-                    pool.replace(svc.endpoints.clone());
-                    static_pools.insert(rc.name.clone(), pool.clone());
-                    pool
-                }
-                Backend::Service(name) => pools
-                    .entry(name.clone())
-                    .or_insert_with(|| {
-                        Arc::new(ServicePool::new(name.clone(), http::uri::Scheme::HTTP))
-                    })
-                    .clone(),
-            };
-            pools.insert(rc.service_name().clone(), pool.clone());
-            let handler = error_handlers.remove(&*rc.name);
-            routes.push(Arc::new(Route::new(rc, pool, handler)));
-        }
+    /// Like [`Gateway::build`], with error handlers written in code (by route name) and a
+    /// callback for every health transition.
+    pub fn build_with(
+        config: Config,
+        error_handlers: HashMap<String, ErrorHandler>,
+        on_health_change: Option<HealthCallback>,
+    ) -> Result<Self, GatewayError> {
         let state = Arc::new(ProxyState {
-            table: ArcSwap::from_pointee(RouteTable::new(routes)),
-            pools,
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            services: ArcSwap::default(),
+            notes: ArcSwap::default(),
             client: proxy::forward::client(&config.upstream),
-            cors: config.cors.clone(),
+            cors: ArcSwapOption::new(config.cors.clone()),
             expose_admin: config.admin.expose_on_main,
             admin: Arc::new(AdminState::new(config.admin.token.clone())),
+            reloader: std::sync::OnceLock::new(),
+        });
+        let server = config.server.clone();
+        let registry = Registry::new(config, state.clone(), error_handlers, on_health_change)?;
+        Ok(Self {
+            server,
+            static_discovery: StaticDiscovery::new(state.clone()),
+            state,
+            registry,
+            watch_file: false,
+        })
+    }
+
+    /// Enables reloading from `path` (SIGHUP in `main`, `POST /reload`, and with `watch` the
+    /// file's own changes).
+    pub fn with_reload(self, path: PathBuf, env: Env, watch: bool) -> Self {
+        let _ = self.state.reloader.set(Reloader {
+            registry: Arc::downgrade(&self.registry),
+            path,
+            env,
         });
         Self {
-            config,
-            state,
-            static_discovery: StaticDiscovery::new(static_pools),
+            watch_file: watch,
+            ..self
         }
+    }
+
+    /// The reloader, when enabled.
+    pub fn reloader(&self) -> Option<&Reloader> {
+        self.state.reloader.get()
     }
 
     /// The static provider, to change static services while the gateway runs.
@@ -139,7 +203,11 @@ impl Gateway {
 
     /// A service's pool.
     pub fn pool(&self, service: &str) -> Option<Arc<ServicePool>> {
-        self.state.pools.get(service).cloned()
+        self.state
+            .services
+            .load()
+            .get(service)
+            .map(|s| s.pool.clone())
     }
 
     /// The request-path state (for admin views and tests).
@@ -156,21 +224,20 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let stop_accepting = CancellationToken::new();
-        let background = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let graceful = Arc::new(GracefulShutdown::new());
-        let server_cfg = self.config.server.clone();
+        let server_cfg = self.server.clone();
+        self.registry.start();
 
         let main_addr = listeners.main.local_addr()?;
-        let mut accept_loops = Vec::new();
-        accept_loops.push(tokio::spawn(server::serve(
+        let mut accept_loops = vec![tokio::spawn(server::serve(
             listeners.main,
             server::Role::Main,
             self.state.clone(),
             server_cfg.clone(),
             graceful.clone(),
             stop_accepting.clone(),
-        )));
+        ))];
+        let admin_stop = CancellationToken::new();
         let admin_addr = match listeners.admin {
             Some(l) => {
                 let addr = l.local_addr()?;
@@ -181,18 +248,44 @@ impl Gateway {
                     self.state.clone(),
                     server_cfg.clone(),
                     Arc::new(GracefulShutdown::new()),
-                    background.clone(),
+                    admin_stop.clone(),
                 )));
                 Some(addr)
             }
             None => None,
         };
-        // Static pools are complete at build time; Consul readiness arrives with its provider.
-        self.state.admin.set_ready(true);
-        tracing::info!(listen = %main_addr, admin = ?admin_addr, routes = self.config.routes.len(), "meshgate ready");
+        self.registry.tracker().spawn(become_ready(
+            self.registry.clone(),
+            self.state.admin.clone(),
+        ));
+        if self.watch_file {
+            if let Some(r) = self.state.reloader.get() {
+                let state = Arc::downgrade(&self.state);
+                let mut last = r.fingerprint();
+                let stop = admin_stop.clone();
+                self.registry.tracker().spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        let Some(state) = state.upgrade() else { return };
+                        let Some(r) = state.reloader.get() else {
+                            return;
+                        };
+                        let now = r.fingerprint();
+                        if now.is_some() && now != last {
+                            last = now;
+                            r.reload_and_log("file change");
+                        }
+                    }
+                });
+            }
+        }
+        tracing::info!(listen = %main_addr, admin = ?admin_addr, "meshgate listening");
 
         shutdown.await;
-        self.state.admin.set_ready(false);
+        self.state.admin.begin_shutdown();
         if !server_cfg.drain_delay.is_zero() {
             tracing::info!(drain_delay = ?server_cfg.drain_delay, "shutting down: readiness failed, draining");
             tokio::time::sleep(server_cfg.drain_delay).await;
@@ -214,13 +307,47 @@ impl Gateway {
                 "connection watcher still shared; not waiting for in-flight requests"
             ),
         }
-        background.cancel();
+        admin_stop.cancel();
+        self.registry.stop();
         for l in accept_loops {
             let _ = l.await;
         }
-        tracker.close();
-        tracker.wait().await;
+        self.registry.tracker().close();
+        self.registry.tracker().wait().await;
         tracing::info!("meshgate stopped");
         Ok(())
     }
+}
+
+/// Marks the gateway ready once every Consul service (and the catalog, with tag routes) has
+/// synced once, or once `startup_timeout` has passed.
+async fn become_ready(registry: Arc<Registry>, admin: Arc<AdminState>) {
+    let Some(limit) = registry.startup_timeout() else {
+        admin.set_ready(true);
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let pending: Vec<_> = registry
+            .pending_syncs()
+            .into_iter()
+            .filter(|s| !s.is_synced())
+            .collect();
+        if pending.is_empty() {
+            tracing::info!("all services synced from Consul; ready");
+            break;
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            tracing::warn!(
+                unsynced = pending.len(),
+                startup_timeout = ?limit,
+                "startup_timeout passed before every service synced; starting with what we have"
+            );
+            break;
+        }
+        // New services may appear meanwhile (routes from tags), so look again after each wait.
+        let _ = pending[0].wait_synced(remaining).await;
+    }
+    admin.set_ready(true);
 }

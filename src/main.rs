@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     let result = runtime
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(config, demo_listen.is_some())));
+        .and_then(|rt| rt.block_on(run(config, demo_listen.is_some(), cli.config.clone(), env)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -99,7 +99,12 @@ fn report_invalid(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_INVALID_CONFIG)
 }
 
-async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
+async fn run(
+    mut config: Config,
+    demo: bool,
+    path: Option<PathBuf>,
+    env: Env,
+) -> anyhow::Result<()> {
     let mocks = CancellationToken::new();
     if demo {
         let started = meshgate::demo::start_mocks(&mut config, false, &mocks).await?;
@@ -116,7 +121,25 @@ async fn run(mut config: Config, demo: bool) -> anyhow::Result<()> {
         }
         println!("\nPress Ctrl-C to stop (twice to stop at once).\n");
     }
-    let gateway = Gateway::build(config);
+    let mut gateway = Gateway::build(config)?;
+    if let (Some(path), false) = (path, demo) {
+        gateway = gateway.with_reload(path, env, true);
+        let state = gateway.state().clone();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    if let Some(r) = state.reloader.get() {
+                        r.reload_and_log("SIGHUP");
+                    }
+                }
+            }
+        });
+    }
     let shutdown = async {
         meshgate::server::shutdown_signal().await;
         // A second signal during the drain exits at once.

@@ -5,20 +5,22 @@ pub mod cors;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod limit;
+pub mod retry;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, ORIGIN};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::admin::AdminState;
-use crate::balancer::ServicePool;
+use crate::discovery::registry::ServiceEntry;
 use crate::routes::{remove_dot_segments, Route, RouteTable};
 pub use body::{RequestBody, ResponseBody};
 pub use cors::CorsConfig;
@@ -33,16 +35,20 @@ pub type ErrorHandler = Arc<dyn Fn(&ProxyError) -> Option<Response<Bytes>> + Sen
 pub struct ProxyState {
     /// The route table; replaced whole on reload.
     pub table: ArcSwap<RouteTable>,
-    /// Every service pool by name.
-    pub pools: BTreeMap<Arc<str>, Arc<ServicePool>>,
+    /// Every live service by name (admin views; the request path reaches pools through routes).
+    pub services: ArcSwap<BTreeMap<Arc<str>, Arc<ServiceEntry>>>,
+    /// Route conflicts and tag problems, shown in `/status`.
+    pub notes: ArcSwap<Vec<String>>,
     /// Upstream connection pool.
     pub client: UpstreamClient,
-    /// Global CORS policy.
-    pub cors: Option<Arc<CorsConfig>>,
+    /// Global CORS policy; replaced on reload.
+    pub cors: ArcSwapOption<CorsConfig>,
     /// Answer `/health` and `/status` on the main listener.
     pub expose_admin: bool,
     /// Readiness and uptime.
     pub admin: Arc<AdminState>,
+    /// Set when the gateway was started from a file it can reload.
+    pub reloader: std::sync::OnceLock<crate::Reloader>,
 }
 
 /// Handles one downstream request. Never fails: every error becomes a response.
@@ -52,11 +58,12 @@ pub async fn handle(
     client: SocketAddr,
 ) -> Response<ResponseBody> {
     let request_id = headers::request_id(req.headers());
-    let origin = match &state.cors {
+    let cors = state.cors.load();
+    let origin = match &*cors {
         Some(_) => req.headers().get(ORIGIN).cloned(),
         None => None,
     };
-    let mut resp = match &state.cors {
+    let mut resp = match &*cors {
         Some(cors) if CorsConfig::is_preflight(&req) => {
             let mut resp = Response::new(ResponseBody::empty());
             *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -65,7 +72,7 @@ pub async fn handle(
         }
         _ => {
             let mut resp = route_request(state, req, client, &request_id).await;
-            if let Some(cors) = &state.cors {
+            if let Some(cors) = &*cors {
                 cors.decorate(origin.as_ref(), resp.headers_mut());
             }
             resp
@@ -120,10 +127,11 @@ fn log_error(e: &ProxyError, route: &Route) {
     match e {
         ProxyError::NoRoute { .. }
         | ProxyError::BodyTooLarge { .. }
-        | ProxyError::InvalidRequest { .. } => {
+        | ProxyError::InvalidRequest { .. }
+        | ProxyError::ClientBody { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
-        ProxyError::NoEndpoint { .. } => {
+        ProxyError::NoEndpoint { .. } | ProxyError::Overloaded { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "no endpoint")
         }
         ProxyError::Connect { .. }
@@ -168,12 +176,21 @@ pub fn error_response(
         }
     }
     let status = e.status();
+    let retry_after = matches!(
+        e,
+        ProxyError::Overloaded { .. } | ProxyError::NoEndpoint { .. }
+    );
     let body = serde_json::json!({
         "error": status.canonical_reason().unwrap_or("Error"),
         "message": e.message(),
         "request_id": request_id.to_str().unwrap_or(""),
     });
-    json_response(status, &body)
+    let mut resp = json_response(status, &body);
+    if retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
 }
 
 /// A JSON answer made by the gateway.

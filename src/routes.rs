@@ -153,6 +153,14 @@ pub struct Route {
     pub error_handler: Option<ErrorHandler>,
     /// Request body limit.
     pub max_body: Option<u64>,
+    /// Retry policy.
+    pub retry: crate::proxy::retry::RetryPolicy,
+    /// Requests and retries in flight, for the retry budget.
+    pub budget: crate::proxy::retry::RetryBudget,
+    /// The service's concurrency cap, shared by every route on it.
+    pub limiter: Option<Arc<crate::proxy::limit::Limiter>>,
+    /// Limit on a streaming response once its headers arrived.
+    pub stream_timeout: Option<Duration>,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -172,12 +180,17 @@ impl Route {
         cfg: &RouteConfig,
         pool: Arc<ServicePool>,
         error_handler: Option<ErrorHandler>,
+        limiter: Option<Arc<crate::proxy::limit::Limiter>>,
     ) -> Self {
         Self {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
             pool,
-            picker: Picker::new(cfg.policy),
+            picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
+            retry: cfg.retry.clone(),
+            budget: Default::default(),
+            limiter,
+            stream_timeout: cfg.stream_timeout,
             rewrite: cfg.rewrite.clone(),
             timeout: cfg.timeout,
             preserve_host: cfg.preserve_host,

@@ -132,7 +132,7 @@ async fn least_connections_avoids_the_busy_endpoint() {
     ))
     .await;
     let c = client();
-    let pool = gw.state.pools.values().next().unwrap().clone();
+    let pool = gw.pool("route-0");
     let slow_in_flight = || {
         let snap = pool.snapshot();
         let ep = snap
@@ -178,7 +178,7 @@ async fn static_pool_changes_apply_to_the_next_request_and_keep_counters() {
     let gw = gateway_for("round_robin", &ups, &[1, 1, 0]).await;
     let t = tally(&gw.url("/"), 10).await;
     assert_eq!(t.get("u2"), None, "weight 0 takes no traffic");
-    let pool = gw.state.pools.get("svc").unwrap().clone();
+    let pool = gw.pool("svc");
     let before = pool.revision();
     let ep = |u: &TestUpstream| Discovered::new("127.0.0.1", u.addr().port(), 1);
     let requests_of = |u: &TestUpstream| {

@@ -61,6 +61,8 @@ impl Policy {
 pub struct Picker {
     policy: Policy,
     cursor: AtomicUsize,
+    /// Below this share (percent) of available endpoints, spread over all of them (Envoy's panic mode).
+    panic_threshold: Option<f64>,
 }
 
 impl Picker {
@@ -69,7 +71,39 @@ impl Picker {
         Self {
             policy,
             cursor: AtomicUsize::new(0),
+            panic_threshold: None,
         }
+    }
+
+    /// Sets the panic threshold (percent of endpoints available).
+    pub fn with_panic_threshold(mut self, percent: Option<f64>) -> Self {
+        self.panic_threshold = percent.filter(|p| *p > 0.0);
+        self
+    }
+
+    /// Index of the chosen endpoint, applying panic mode and the slow-start ramp.
+    pub(crate) fn choose(
+        &self,
+        eps: &Endpoints,
+        client: IpAddr,
+        avoid: Option<&Endpoint>,
+    ) -> Option<usize> {
+        let panic = self.panic_threshold.is_some_and(|t| {
+            let n = eps.list.len();
+            n > 0 && (eps.available() as f64) * 100.0 < t * n as f64
+        });
+        let first = self.choose_once(eps, client, avoid, panic)?;
+        let slow_start = eps.settings.slow_start;
+        if !slow_start.is_zero() {
+            let ramp = eps.list[first].state.ramp(slow_start);
+            // Ramping endpoints keep a pick with probability equal to their share so far.
+            if ramp < 1.0 && fastrand::f64() >= ramp {
+                if let Some(other) = self.choose_once(eps, client, Some(&eps.list[first]), panic) {
+                    return Some(other);
+                }
+            }
+        }
+        Some(first)
     }
 
     /// The policy this picker applies.
@@ -79,19 +113,27 @@ impl Picker {
 
     /// Index of the chosen endpoint, or `None` when none is available.
     /// `avoid` (a previous attempt's endpoint) is skipped when any other is available.
-    pub(crate) fn choose(
+    fn choose_once(
         &self,
         eps: &Endpoints,
         client: IpAddr,
         avoid: Option<&Endpoint>,
+        panic: bool,
     ) -> Option<usize> {
         let list = &eps.list;
         if list.is_empty() {
             return None;
         }
+        let eligible = |e: &Endpoint| {
+            if panic {
+                e.weight() > 0
+            } else {
+                e.is_available()
+            }
+        };
         let ok = |i: usize| {
             let e = &list[i];
-            e.is_available()
+            eligible(e)
                 && avoid.is_none_or(|a| !std::ptr::eq(&**e, a) && e.authority != a.authority)
         };
         let found = match self.policy {
@@ -163,7 +205,7 @@ impl Picker {
         found.or_else(|| {
             let a = avoid?;
             list.iter()
-                .position(|e| std::ptr::eq(&**e, a) && e.is_available())
+                .position(|e| std::ptr::eq(&**e, a) && eligible(e))
         })
     }
 }

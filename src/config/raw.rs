@@ -64,6 +64,8 @@ pub struct RawDiscovery {
     /// `[discovery.static]`: named services with fixed endpoints; usable with either provider.
     #[serde(rename = "static")]
     pub static_: RawStatic,
+    /// `[discovery.consul]`: used when `provider = "consul"`.
+    pub consul: crate::discovery::consul::RawConsul,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -74,6 +76,7 @@ impl Default for RawDiscovery {
         Self {
             provider: "static".into(),
             static_: RawStatic::default(),
+            consul: crate::discovery::consul::RawConsul::default(),
             unknown: Unknown::new(),
         }
     }
@@ -285,9 +288,143 @@ pub struct RawRoute {
     pub error: Option<RawErrorPage>,
     /// Largest request body accepted (413 beyond). Default unlimited.
     pub max_body: Option<RawSize>,
+    /// Retry policy.
+    pub retry: RawRetry,
+    /// Once response headers arrived, the longest a response may stream. Default: no limit.
+    pub stream_timeout: Option<String>,
+    /// Active health probes for the route's service.
+    pub health_check: Option<RawHealthCheck>,
+    /// New endpoints wait for a passing probe before taking traffic. Default false.
+    pub start_unhealthy: bool,
+    /// Passive ejection of failing endpoints of the route's service.
+    pub outlier: Option<RawOutlier>,
+    /// Ramp a (re)joining endpoint's share up over this time. Default `"0s"` (off).
+    pub slow_start: String,
+    /// Below this percentage of available endpoints, spread over all of them. Default off.
+    pub panic_threshold: Option<f64>,
+    /// Concurrent requests to the route's service; beyond them requests queue. Default unlimited.
+    pub max_requests: Option<i64>,
+    /// Requests allowed to queue for `max_requests`; beyond them the answer is 503. Default 0.
+    pub max_pending: Option<i64>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
+}
+
+/// `retry = { ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawRetry {
+    /// Attempts in all, the first included; 1 turns retries off. Default 3.
+    pub attempts: i64,
+    /// First backoff; doubles per retry with jitter. Default `100ms`.
+    pub backoff: String,
+    /// Backoff cap. Default `1s`.
+    pub max_backoff: String,
+    /// Time for one attempt's response headers. Default: the route's `timeout`.
+    pub per_try_timeout: Option<String>,
+    /// Conditions: `connect-failure`, `reset`, `timeout`, or status codes such as `"503"`.
+    pub on: Vec<String>,
+    /// Retries allowed as a share of requests in flight, e.g. `"20%"`; at least 3 at a time.
+    pub budget: String,
+    /// Bodies up to this size are kept for replay; larger ones stream and are not retried. Default `64KiB`.
+    pub max_body: RawSize,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: "100ms".into(),
+            max_backoff: "1s".into(),
+            per_try_timeout: None,
+            on: ["connect-failure", "reset", "502", "503", "504"]
+                .map(String::from)
+                .into(),
+            budget: "20%".into(),
+            max_body: RawSize::Text("64KiB".into()),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `health_check = { ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawHealthCheck {
+    /// Probe path. Default `/health`.
+    pub path: String,
+    /// Probe method. Default `GET`.
+    pub method: String,
+    /// Time between probes of one endpoint. Default `10s`.
+    pub interval: String,
+    /// Probe timeout. Default `2s`.
+    pub timeout: String,
+    /// Passing statuses, e.g. `"200-299"` or `"200,204"`. Default `200-299`.
+    pub expected_status: String,
+    /// Passing probes in a row before an unhealthy endpoint is healthy again. Default 2.
+    pub healthy_threshold: i64,
+    /// Failing probes in a row before a healthy endpoint is unhealthy. Default 3.
+    pub unhealthy_threshold: i64,
+    /// Random extra delay per round, so probes of many gateways do not align. Default `1s`.
+    pub jitter: String,
+    /// A plain TCP connect instead of an HTTP request. Default false.
+    pub tcp: bool,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        Self {
+            path: "/health".into(),
+            method: "GET".into(),
+            interval: "10s".into(),
+            timeout: "2s".into(),
+            expected_status: "200-299".into(),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            jitter: "1s".into(),
+            tcp: false,
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `outlier = { ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawOutlier {
+    /// 5xx answers in a row that eject; 0 = off. Default 5.
+    pub consecutive_5xx: i64,
+    /// Gateway failures (502, 503, 504, connect failures, timeouts) in a row that eject; 0 = off. Default 3.
+    pub consecutive_gateway_failures: i64,
+    /// Ejection time, multiplied by the number of ejections so far. Default `30s`.
+    pub base_ejection_time: String,
+    /// Cap on one ejection. Default `300s`.
+    pub max_ejection_time: String,
+    /// Most of the pool that may be ejected at once, in percent. Default 50.
+    pub max_ejection_percent: i64,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawOutlier {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway_failures: 3,
+            base_ejection_time: "30s".into(),
+            max_ejection_time: "300s".into(),
+            max_ejection_percent: 50,
+            unknown: Unknown::new(),
+        }
+    }
 }
 
 impl Default for RawRoute {
@@ -305,6 +442,15 @@ impl Default for RawRoute {
             response_headers: RawHeaderOps::default(),
             error: None,
             max_body: None,
+            retry: RawRetry::default(),
+            stream_timeout: None,
+            health_check: None,
+            start_unhealthy: false,
+            outlier: None,
+            slow_start: "0s".into(),
+            panic_threshold: None,
+            max_requests: None,
+            max_pending: None,
             unknown: Unknown::new(),
         }
     }

@@ -1,12 +1,17 @@
-//! Body wrappers: the request body with its size limit, and the response body that holds the
-//! endpoint lease until the last byte, so least-connections sees streaming responses.
+//! Body wrappers: the request body (streamed, or kept whole for replay) with its size limit, and
+//! the response body that holds the endpoint lease and concurrency permit until the last byte,
+//! so least-connections and `max_requests` see streaming responses.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
 
 use crate::balancer::Lease;
 
@@ -24,31 +29,73 @@ pub enum RequestBodyError {
     Read(#[from] hyper::Error),
 }
 
-/// The client's body on its way upstream, streamed, with an optional byte limit.
-#[derive(Debug)]
+/// The client's body on its way upstream: chunks already read (kept for replay, or read ahead
+/// while deciding), then the rest of the stream, with an optional byte limit.
+#[derive(Debug, Default)]
 pub struct RequestBody {
+    buffered: VecDeque<Bytes>,
     inner: Option<Incoming>,
     limit: Option<u64>,
     seen: u64,
 }
 
 impl RequestBody {
-    /// Wraps a client body; `limit` ends the stream with an error once exceeded.
-    pub fn new(inner: Incoming, limit: Option<u64>) -> Self {
+    /// Streams a client body; `limit` ends the stream with an error once exceeded.
+    pub fn streaming(inner: Incoming, limit: Option<u64>) -> Self {
         Self {
+            buffered: VecDeque::new(),
             inner: Some(inner),
             limit,
             seen: 0,
         }
     }
 
-    /// No body at all (used when a request is replayed without one).
-    pub fn empty() -> Self {
+    /// A body made of chunks already in memory (a replay).
+    pub fn from_chunks(chunks: &[Bytes]) -> Self {
         Self {
-            inner: None,
-            limit: None,
-            seen: 0,
+            buffered: chunks.iter().cloned().collect(),
+            ..Self::default()
         }
+    }
+
+    /// No body at all.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Reads the client body into memory while it stays within `keep` bytes.
+    ///
+    /// Returns `Ok(chunks)` when the whole body fit (it can be replayed), or a streaming body
+    /// that starts with what was read when it did not.
+    pub async fn read_up_to(
+        mut inner: Incoming,
+        keep: u64,
+        limit: Option<u64>,
+    ) -> Result<Result<Vec<Bytes>, Self>, RequestBodyError> {
+        use http_body_util::BodyExt;
+        let mut chunks = Vec::new();
+        let mut total = 0u64;
+        while let Some(frame) = inner.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            total += data.len() as u64;
+            if let Some(l) = limit {
+                if total > l {
+                    return Err(RequestBodyError::TooLarge { limit: l });
+                }
+            }
+            chunks.push(data);
+            if total > keep {
+                return Ok(Err(Self {
+                    buffered: chunks.into(),
+                    inner: Some(inner),
+                    limit,
+                    seen: total,
+                }));
+            }
+        }
+        Ok(Ok(chunks))
     }
 }
 
@@ -61,11 +108,13 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(chunk) = this.buffered.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(Pin::new(inner).poll_frame(cx));
-        match frame {
+        match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let (Some(limit), Some(data)) = (this.limit, frame.data_ref()) {
                     this.seen += data.len() as u64;
@@ -85,13 +134,23 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.buffered.is_empty() && self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
+        match &self.inner {
+            None => SizeHint::with_exact(buffered),
+            Some(b) => {
+                let h = b.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower() + buffered);
+                if let Some(u) = h.upper() {
+                    out.set_upper(u + buffered);
+                }
+                out
+            }
+        }
     }
 }
 
@@ -105,18 +164,30 @@ pub struct ResponseBody {
 enum Kind {
     Upstream {
         body: Incoming,
-        lease: Option<Lease>,
+        hold: Option<(Lease, Option<OwnedSemaphorePermit>)>,
+        deadline: Option<Pin<Box<Sleep>>>,
     },
     Full(Option<Bytes>),
 }
 
+/// The response stream outlived the route's `stream_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("response stream exceeded stream_timeout")]
+pub struct StreamTimeout;
+
 impl ResponseBody {
-    /// Streams an upstream body; the lease is released at its end.
-    pub fn upstream(body: Incoming, lease: Lease) -> Self {
+    /// Streams an upstream body; the lease and permit are released at its end.
+    pub fn upstream(
+        body: Incoming,
+        lease: Lease,
+        permit: Option<OwnedSemaphorePermit>,
+        stream_timeout: Option<std::time::Duration>,
+    ) -> Self {
         Self {
             kind: Kind::Upstream {
                 body,
-                lease: Some(lease),
+                hold: Some((lease, permit)),
+                deadline: stream_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
             },
         }
     }
@@ -139,7 +210,7 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -147,18 +218,28 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, lease } => {
+            Kind::Upstream {
+                body,
+                hold,
+                deadline,
+            } => {
+                if let Some(d) = deadline {
+                    if d.as_mut().poll(cx).is_ready() {
+                        *hold = None;
+                        return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
+                    }
+                }
                 let frame = ready!(Pin::new(body).poll_frame(cx));
                 if let Some(Err(_)) = &frame {
-                    if let Some(l) = lease.as_ref() {
+                    if let Some((l, _)) = hold.as_ref() {
                         l.record_failure();
                     }
                 }
                 if !matches!(frame, Some(Ok(_))) {
                     // End of stream or failure: the request no longer occupies the endpoint.
-                    *lease = None;
+                    *hold = None;
                 }
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
         }
     }

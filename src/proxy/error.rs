@@ -54,6 +54,19 @@ pub enum ProxyError {
         /// The route's `max_body`.
         limit: u64,
     },
+    /// The service is at `max_requests` with a full queue.
+    #[error("service {service} is at its concurrency limit")]
+    Overloaded {
+        /// The service.
+        service: Arc<str>,
+    },
+    /// Reading the client's body failed before it could be sent.
+    #[error("reading the request body failed")]
+    ClientBody {
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
     /// The upstream request could not be built from the client's request.
     #[error("invalid upstream request")]
     InvalidRequest {
@@ -68,11 +81,11 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Self::NoEndpoint { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoint { .. } | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest { .. } | Self::ClientBody { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -95,17 +108,10 @@ impl ProxyError {
                 format!("request body exceeds the limit of {limit} bytes")
             }
             Self::InvalidRequest { .. } => "the request cannot be forwarded".into(),
-        }
-    }
-
-    /// Whether the failure should count against the endpoint (not the client's fault).
-    pub fn is_upstream_failure(&self) -> bool {
-        match self {
-            Self::Connect { .. } | Self::Upstream { .. } | Self::UpstreamTimeout { .. } => true,
-            Self::NoRoute { .. }
-            | Self::NoEndpoint { .. }
-            | Self::BodyTooLarge { .. }
-            | Self::InvalidRequest { .. } => false,
+            Self::Overloaded { service } => {
+                format!("service {service} is at its concurrency limit; retry later")
+            }
+            Self::ClientBody { .. } => "the request body could not be read".into(),
         }
     }
 }

@@ -1,10 +1,11 @@
-//! Forwarding one request upstream: endpoint pick, upstream request, timeout, and a retry on
-//! another endpoint when the connection failed before anything was sent.
+//! Forwarding one request upstream: endpoint pick, upstream request, timeouts, and retries on
+//! another endpoint when the policy and the request's safety allow.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -16,15 +17,15 @@ use tokio::time::Instant;
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::error::ProxyError;
 use super::headers;
-use crate::balancer::Endpoint;
+use super::retry::is_idempotent;
+use crate::balancer::{Endpoint, Outcome};
 use crate::config::UpstreamConfig;
 use crate::routes::{rewrite_path, Route};
 
 /// The pooled upstream client shared by every route.
 pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
-/// Connect-failure retries on other endpoints for a request without a body.
-const CONNECT_RETRIES: usize = 2;
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Builds the keep-alive client pool to upstreams.
 pub fn client(cfg: &UpstreamConfig) -> UpstreamClient {
@@ -49,6 +50,24 @@ pub struct Downstream<'a> {
     pub request_id: &'a HeaderValue,
 }
 
+/// The request body as the retry loop sees it.
+enum Payload {
+    /// Whole in memory: every attempt can send it.
+    Replayable(Vec<Bytes>),
+    /// Streams from the client: only one attempt can send it.
+    Stream(Option<RequestBody>),
+}
+
+/// How an attempt failed, for the retry decision.
+enum Failure {
+    /// Nothing reached the upstream.
+    Connect,
+    /// The connection broke after sending started.
+    Reset,
+    /// The per-try timeout expired.
+    Timeout,
+}
+
 /// Sends `req` to an endpoint of `route` and returns the upstream response with its body streaming.
 /// `path` is the dot-normalised request path.
 pub async fn forward(
@@ -58,18 +77,50 @@ pub async fn forward(
     path: &str,
     down: Downstream<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let started = Instant::now();
+    let deadline = started + route.timeout;
     let (mut parts, body) = req.into_parts();
-    if let Some(limit) = route.max_body {
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(limit), Some(n)) = (route.max_body, declared) {
+        if n > limit {
             return Err(ProxyError::BodyTooLarge { limit });
         }
     }
-    let bodyless = hyper::body::Body::is_end_stream(&body);
+    let _active = route.budget.enter();
+    let permit = match &route.limiter {
+        Some(l) => Some(
+            l.acquire(deadline)
+                .await
+                .ok_or_else(|| ProxyError::Overloaded {
+                    service: route.pool.name().clone(),
+                })?,
+        ),
+        None => None,
+    };
+
+    let policy = &route.retry;
+    let safe_to_resend =
+        is_idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    let mut payload = if hyper::body::Body::is_end_stream(&body) {
+        Payload::Replayable(Vec::new())
+    } else if policy.attempts > 1 && declared.is_none_or(|n| n <= policy.max_body) {
+        // Small bodies are read first so that any attempt can send them (Envoy does the same).
+        match RequestBody::read_up_to(body, policy.max_body, route.max_body).await {
+            Ok(Ok(chunks)) => Payload::Replayable(chunks),
+            Ok(Err(stream)) => Payload::Stream(Some(stream)),
+            Err(RequestBodyError::TooLarge { limit }) => {
+                return Err(ProxyError::BodyTooLarge { limit })
+            }
+            Err(RequestBodyError::Read(source)) => return Err(ProxyError::ClientBody { source }),
+        }
+    } else {
+        Payload::Stream(Some(RequestBody::streaming(body, route.max_body)))
+    };
+
     let host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
@@ -99,13 +150,12 @@ pub async fn forward(
     }
     route.request_headers.apply(&mut parts.headers);
     let path_and_query = upstream_path(path, parts.uri.query(), route)?;
-    parts.version = Version::HTTP_11;
 
-    let deadline = Instant::now() + route.timeout;
-    let mut body = Some(RequestBody::new(body, route.max_body));
     let mut avoid: Option<Arc<Endpoint>> = None;
-    let mut retries_left = if bodyless { CONNECT_RETRIES } else { 0 };
+    let mut attempt = 0u32;
+    let mut _retry_slot = None;
     loop {
+        attempt += 1;
         let lease = route
             .picker
             .pick(&route.pool, down.client, avoid.as_deref())
@@ -119,13 +169,14 @@ pub async fn forward(
             .path_and_query(path_and_query.clone())
             .build()
             .map_err(|source| ProxyError::InvalidRequest { source })?;
+        let more_attempts = attempt < policy.attempts && matches!(payload, Payload::Replayable(_));
         let mut builder = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
             .version(Version::HTTP_11);
         if let Some(h) = builder.headers_mut() {
-            // Only a request that may be retried needs to keep its headers for another attempt.
-            if retries_left > 0 {
+            // Only a request that may be sent again needs to keep its headers.
+            if more_attempts {
                 h.clone_from(&parts.headers);
             } else {
                 std::mem::swap(h, &mut parts.headers);
@@ -134,48 +185,101 @@ pub async fn forward(
                 h.insert(HOST, ep.host_header.clone());
             }
         }
+        let body = match &mut payload {
+            Payload::Replayable(chunks) => RequestBody::from_chunks(chunks),
+            Payload::Stream(s) => s.take().unwrap_or_default(),
+        };
         let upstream_req = builder
-            .body(body.take().unwrap_or_else(RequestBody::empty))
+            .body(body)
             .map_err(|source| ProxyError::InvalidRequest { source })?;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, client.request(upstream_req)).await {
-            Err(_) => {
-                lease.record_failure();
-                return Err(ProxyError::UpstreamTimeout {
-                    addr: ep.authority.clone(),
-                    after: route.timeout,
-                });
-            }
+        let try_deadline = match policy.per_try_timeout {
+            Some(t) => deadline.min(Instant::now() + t),
+            None => deadline,
+        };
+        let outcome = tokio::time::timeout_at(try_deadline, client.request(upstream_req)).await;
+        let (failure, error) = match outcome {
             Ok(Ok(resp)) => {
-                if resp.status().is_server_error() {
+                let status = resp.status().as_u16();
+                route.pool.report(&ep, Outcome::Status(status));
+                if status >= 500 {
                     lease.record_failure();
                 }
-                return Ok(resp.map(|b| ResponseBody::upstream(b, lease)));
+                if policy.on.statuses.contains(&status) && safe_to_resend && more_attempts {
+                    let pause = policy.backoff(attempt);
+                    if Instant::now() + pause < deadline {
+                        if let Some(slot) = route.budget.try_retry(policy.budget_percent) {
+                            // The answer is dropped unread; its connection is not reused.
+                            tracing::debug!(route = %route.name, upstream.addr = %ep.authority, status, attempt, "retrying after status");
+                            _retry_slot = Some(slot);
+                            drop(resp);
+                            drop(lease);
+                            avoid = Some(ep);
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                    }
+                }
+                return Ok(
+                    resp.map(|b| ResponseBody::upstream(b, lease, permit, route.stream_timeout))
+                );
             }
             Ok(Err(source)) => {
                 lease.record_failure();
-                if source.is_connect() {
-                    let err = ProxyError::Connect {
-                        addr: ep.authority.clone(),
-                        source,
-                    };
-                    if retries_left > 0 && route.pool.snapshot().available() > 1 {
-                        retries_left -= 1;
-                        tracing::debug!(route = %route.name, upstream.addr = %ep.authority, "connect failed; retrying on another endpoint");
-                        avoid = Some(ep);
-                        continue;
-                    }
-                    return Err(err);
-                }
                 if let Some(limit) = body_limit_hit(&source) {
                     return Err(ProxyError::BodyTooLarge { limit });
                 }
-                return Err(ProxyError::Upstream {
-                    addr: ep.authority.clone(),
-                    source,
-                });
+                route.pool.report(&ep, Outcome::GatewayFailure);
+                if source.is_connect() {
+                    let e = ProxyError::Connect {
+                        addr: ep.authority.clone(),
+                        source,
+                    };
+                    (Failure::Connect, e)
+                } else {
+                    let e = ProxyError::Upstream {
+                        addr: ep.authority.clone(),
+                        source,
+                    };
+                    (Failure::Reset, e)
+                }
             }
+            Err(_) => {
+                lease.record_failure();
+                route.pool.report(&ep, Outcome::GatewayFailure);
+                let after = if try_deadline < deadline {
+                    policy.per_try_timeout.unwrap_or(route.timeout)
+                } else {
+                    route.timeout
+                };
+                let e = ProxyError::UpstreamTimeout {
+                    addr: ep.authority.clone(),
+                    after,
+                };
+                (Failure::Timeout, e)
+            }
+        };
+        let retryable = more_attempts
+            && match failure {
+                Failure::Connect => policy.on.connect_failure,
+                Failure::Reset => policy.on.reset && safe_to_resend,
+                Failure::Timeout => policy.on.timeout && safe_to_resend && try_deadline < deadline,
+            };
+        if !retryable {
+            return Err(error);
         }
+        let Some(slot) = route.budget.try_retry(policy.budget_percent) else {
+            tracing::debug!(route = %route.name, "retry budget exhausted");
+            return Err(error);
+        };
+        _retry_slot = Some(slot);
+        let pause = policy.backoff(attempt);
+        if Instant::now() + pause >= deadline {
+            return Err(error);
+        }
+        tracing::debug!(route = %route.name, upstream.addr = %ep.authority, attempt, backoff = ?pause, "retrying on another endpoint");
+        drop(lease);
+        avoid = Some(ep);
+        tokio::time::sleep(pause).await;
     }
 }
 

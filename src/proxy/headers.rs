@@ -14,7 +14,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Configured header changes, applied as remove, then set, then add.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HeaderOps {
     add: Vec<(HeaderName, HeaderValue)>,
     set: Vec<(HeaderName, HeaderValue)>,

@@ -39,7 +39,7 @@ pub async fn start(toml: &str) -> TestGateway {
 
 /// Starts the gateway from a built config.
 pub async fn start_config(config: Config) -> TestGateway {
-    start_gateway(Gateway::build(config)).await
+    start_gateway(Gateway::build(config).unwrap()).await
 }
 
 /// Starts an already-built gateway.
@@ -71,6 +71,16 @@ pub async fn start_gateway(gateway: Gateway) -> TestGateway {
 }
 
 impl TestGateway {
+    /// A live service's pool.
+    pub fn pool(&self, service: &str) -> std::sync::Arc<meshgate::balancer::ServicePool> {
+        let services = self.state.services.load();
+        services
+            .get(service)
+            .unwrap_or_else(|| panic!("no service {service}"))
+            .pool
+            .clone()
+    }
+
     /// `http://ADDR{path}` on the main listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

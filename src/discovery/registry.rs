@@ -1,0 +1,523 @@
+//! The registry: turns the configured routes (plus routes declared by Consul tags) into live
+//! pools, routes, Consul watches and health probes, and republishes the route table whenever
+//! the configuration or the tag routes change. Writers serialise on a mutex; requests never see it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::uri::Scheme;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::consul::{self, ConsulClient, ConsulError, ServiceSync, TagRoute};
+use crate::balancer::{Policy, ServicePool};
+use crate::config::{Backend, Config, RouteConfig, ServiceSettings, StaticService};
+use crate::health::{HealthCallback, HealthCheck};
+use crate::proxy::limit::Limiter;
+use crate::proxy::{ErrorHandler, ProxyState};
+use crate::routes::{Rewrite, Route, RouteTable};
+
+/// Where a service's endpoints come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `[discovery.static]` or a route's `targets`.
+    Static,
+    /// A Consul blocking query.
+    Consul,
+}
+
+/// A live service as admin views see it.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// The pool.
+    pub pool: Arc<ServicePool>,
+    /// Where endpoints come from.
+    pub source: Source,
+    /// Consul sync state, for Consul services.
+    pub sync: Option<Arc<ServiceSync>>,
+    /// Whether active probes run.
+    pub probed: bool,
+}
+
+struct Probe {
+    check: HealthCheck,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    config: Config,
+    tag_routes: Vec<RouteConfig>,
+    notes: Vec<String>,
+    pools: BTreeMap<Arc<str>, Arc<ServicePool>>,
+    syncs: BTreeMap<Arc<str>, Arc<ServiceSync>>,
+    routes: BTreeMap<Arc<str>, (RouteConfig, Arc<Route>)>,
+    probes: BTreeMap<Arc<str>, Probe>,
+    limiters: BTreeMap<Arc<str>, Arc<Limiter>>,
+    watching: Option<(Vec<Arc<str>>, CancellationToken)>,
+    catalog_watch: Option<Arc<ServiceSync>>,
+}
+
+/// Owns everything discovery-driven; see the module docs.
+pub struct Registry {
+    state: Arc<ProxyState>,
+    consul: Option<ConsulClient>,
+    background: CancellationToken,
+    tracker: TaskTracker,
+    handlers: HashMap<String, ErrorHandler>,
+    on_health_change: Option<HealthCallback>,
+    inner: Mutex<Inner>,
+    me: Weak<Registry>,
+}
+
+/// Why the registry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The Consul client could not be built (token or TLS files).
+    #[error("setting up the Consul client")]
+    Consul(#[from] ConsulError),
+}
+
+impl Registry {
+    /// Builds the registry and publishes the first route table (static pools filled, Consul
+    /// pools empty until their first answer). Background tasks start with [`Registry::start`].
+    pub fn new(
+        config: Config,
+        state: Arc<ProxyState>,
+        handlers: HashMap<String, ErrorHandler>,
+        on_health_change: Option<HealthCallback>,
+    ) -> Result<Arc<Self>, RegistryError> {
+        let consul = match &config.discovery.consul {
+            Some(settings) => Some(ConsulClient::new(settings)?),
+            None => None,
+        };
+        let registry = Arc::new_cyclic(|me| Registry {
+            state,
+            consul,
+            background: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            handlers,
+            on_health_change,
+            inner: Mutex::new(Inner {
+                config,
+                tag_routes: Vec::new(),
+                notes: Vec::new(),
+                pools: BTreeMap::new(),
+                syncs: BTreeMap::new(),
+                routes: BTreeMap::new(),
+                probes: BTreeMap::new(),
+                limiters: BTreeMap::new(),
+                watching: None,
+                catalog_watch: None,
+            }),
+            me: me.clone(),
+        });
+        // Publishing only: tasks start in `start`, inside the runtime the gateway runs on.
+        registry.apply(false);
+        Ok(registry)
+    }
+
+    /// Starts watches and probes.
+    pub fn start(&self) {
+        self.apply(true);
+    }
+
+    /// Background tasks, for the gateway's shutdown.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Cancels every background task.
+    pub fn stop(&self) {
+        self.background.cancel();
+    }
+
+    /// The Consul sync states to wait for before the gateway is ready, plus the catalog's when
+    /// routes come from tags.
+    pub fn pending_syncs(&self) -> Vec<Arc<ServiceSync>> {
+        let inner = self.lock();
+        inner
+            .syncs
+            .values()
+            .chain(&inner.catalog_watch)
+            .cloned()
+            .collect()
+    }
+
+    /// How long readiness may wait for Consul.
+    pub fn startup_timeout(&self) -> Option<Duration> {
+        self.lock()
+            .config
+            .discovery
+            .consul
+            .as_ref()
+            .map(|c| c.startup_timeout)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.lock().config.clone()
+    }
+
+    /// Installs a new, already validated configuration: routes and pools swap atomically,
+    /// unchanged services keep their pools, counters and health. Returns what needs a restart.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        let mut restart = Vec::new();
+        {
+            let mut inner = self.lock();
+            let old = &inner.config;
+            if old.listen != config.listen {
+                restart.push(format!("listen ({} -> {})", old.listen, config.listen));
+            }
+            if old.admin.listen != config.admin.listen {
+                restart.push("admin.listen".to_owned());
+            }
+            if old.workers != config.workers {
+                restart.push("workers".to_owned());
+            }
+            if old.discovery.provider != config.discovery.provider
+                || old.discovery.consul != config.discovery.consul
+            {
+                restart.push("discovery.provider / discovery.consul".to_owned());
+            }
+            if format!("{:?}", old.upstream) != format!("{:?}", config.upstream) {
+                restart.push("upstream".to_owned());
+            }
+            let mut keep = config;
+            // What cannot change live stays as it was, so /status tells the truth.
+            keep.listen = inner.config.listen;
+            keep.admin.listen = inner.config.admin.listen;
+            keep.workers = inner.config.workers;
+            keep.discovery.provider = inner.config.discovery.provider;
+            keep.discovery.consul = inner.config.discovery.consul.clone();
+            keep.upstream = inner.config.upstream.clone();
+            inner.config = keep;
+        }
+        self.state.cors.store(self.lock().config.cors.clone());
+        self.apply(true);
+        restart
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding it cannot leave a half-published table: publishing is one store.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_tag_routes(&self, catalog: BTreeMap<String, Vec<String>>) {
+        let mut routes = Vec::new();
+        let mut notes = Vec::new();
+        for (service, tags) in &catalog {
+            let (found, warnings) = consul::parse_tag_routes_with_warnings(service, tags);
+            notes.extend(
+                warnings
+                    .into_iter()
+                    .map(|w| format!("service {service}: {w}")),
+            );
+            for t in found {
+                match tag_route(&t) {
+                    Ok(r) => routes.push(r),
+                    Err(note) => notes.push(note),
+                }
+            }
+        }
+        {
+            let mut inner = self.lock();
+            if inner.tag_routes == routes && inner.notes == notes {
+                return;
+            }
+            tracing::info!(routes = routes.len(), "routes from Consul tags changed");
+            inner.tag_routes = routes;
+            inner.notes = notes;
+        }
+        self.apply(true);
+    }
+
+    /// Recomputes everything from the current config and tag routes and publishes it.
+    fn apply(&self, spawn: bool) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let cfg = &inner.config;
+
+        // Config routes win over tag routes on the same path or name.
+        let mut notes: Vec<String> = inner.notes.clone();
+        let mut all: Vec<RouteConfig> = cfg.routes.clone();
+        for t in &inner.tag_routes {
+            if let Some(c) = all.iter().find(|r| r.path == t.path || r.name == t.name) {
+                let note = format!(
+                    "tag route {} ({}) for service {} conflicts with configured route {} ({}); the configured route wins",
+                    t.name,
+                    t.path,
+                    t.service_name(),
+                    c.name,
+                    c.path
+                );
+                notes.push(note);
+                continue;
+            }
+            all.push(t.clone());
+        }
+        for n in notes.iter().skip(inner.notes.len()) {
+            tracing::warn!(conflict = %n, "route conflict");
+        }
+
+        // Services and their sources.
+        let mut wanted: BTreeMap<Arc<str>, (Source, Option<StaticService>, ServiceSettings)> =
+            BTreeMap::new();
+        for r in &all {
+            let name = r.service_name().clone();
+            let (source, fixed) = match &r.backend {
+                Backend::Targets(svc) => (Source::Static, Some(svc.clone())),
+                Backend::Service(s) => match cfg.discovery.static_services.get(s) {
+                    Some(svc) => (Source::Static, Some(svc.clone())),
+                    None => (Source::Consul, None),
+                },
+            };
+            let entry = wanted
+                .entry(name)
+                .or_insert_with(|| (source, fixed, ServiceSettings::default()));
+            if entry.2 == ServiceSettings::default() {
+                entry.2 = r.service_settings.clone();
+            }
+        }
+        // Static services nobody routes to still exist (the static provider may feed them).
+        for (name, svc) in &cfg.discovery.static_services {
+            wanted.entry(name.clone()).or_insert_with(|| {
+                (
+                    Source::Static,
+                    Some(svc.clone()),
+                    ServiceSettings::default(),
+                )
+            });
+        }
+
+        // Pools: reuse by name, so endpoints keep their state.
+        let mut pools = BTreeMap::new();
+        for (name, (_, fixed, settings)) in &wanted {
+            let scheme = fixed.as_ref().map_or(Scheme::HTTP, |f| f.scheme.clone());
+            let pool = match inner.pools.get(name) {
+                Some(p) if p.scheme() == &scheme => p.clone(),
+                _ => Arc::new(ServicePool::new(name.clone(), scheme)),
+            };
+            pool.set_settings(settings.pool.clone());
+            if let Some(f) = fixed {
+                pool.replace(f.endpoints.clone());
+            }
+            pools.insert(name.clone(), pool);
+        }
+        inner.pools = pools;
+
+        // Concurrency limiters: kept while their limits stay the same.
+        let mut limiters = BTreeMap::new();
+        for (name, (_, _, settings)) in &wanted {
+            if let Some(max) = settings.max_requests {
+                let l = match inner.limiters.get(name) {
+                    Some(l) if l.limits() == (max, settings.max_pending) => l.clone(),
+                    _ => Arc::new(Limiter::new(max, settings.max_pending)),
+                };
+                limiters.insert(name.clone(), l);
+            }
+        }
+        inner.limiters = limiters;
+
+        // Routes: an unchanged route keeps its counters and cursor.
+        let mut routes = BTreeMap::new();
+        for r in &all {
+            let pool = inner.pools[r.service_name()].clone();
+            let limiter = inner.limiters.get(r.service_name()).cloned();
+            let live = match inner.routes.get(&r.name) {
+                Some((old_cfg, old)) if old_cfg == r && Arc::ptr_eq(&old.pool, &pool) => {
+                    old.clone()
+                }
+                _ => Arc::new(Route::new(
+                    r,
+                    pool,
+                    self.handlers.get(&*r.name).cloned(),
+                    limiter,
+                )),
+            };
+            routes.insert(r.name.clone(), (r.clone(), live));
+        }
+        inner.routes = routes;
+
+        // Consul syncs: one per Consul service, kept across changes.
+        let consul_services: Vec<Arc<str>> = wanted
+            .iter()
+            .filter(|(_, (s, _, _))| *s == Source::Consul)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut syncs = BTreeMap::new();
+        for name in &consul_services {
+            let sync = inner
+                .syncs
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(ServiceSync::new()));
+            syncs.insert(name.clone(), sync);
+        }
+        inner.syncs = syncs;
+
+        if spawn {
+            self.spawn_watches(inner, &consul_services);
+            self.spawn_probes(inner, &wanted);
+        }
+
+        // Publish.
+        let table = RouteTable::new(inner.routes.values().map(|(_, r)| r.clone()).collect());
+        let services: BTreeMap<Arc<str>, Arc<ServiceEntry>> = wanted
+            .iter()
+            .map(|(name, (source, _, _))| {
+                let entry = ServiceEntry {
+                    pool: inner.pools[name].clone(),
+                    source: *source,
+                    sync: inner.syncs.get(name).cloned(),
+                    probed: inner.probes.contains_key(name),
+                };
+                (name.clone(), Arc::new(entry))
+            })
+            .collect();
+        self.state.table.store(Arc::new(table));
+        self.state.services.store(Arc::new(services));
+        self.state.notes.store(Arc::new(notes));
+    }
+
+    fn spawn_watches(&self, inner: &mut Inner, consul_services: &[Arc<str>]) {
+        let Some(client) = &self.consul else { return };
+        let settings = inner.config.discovery.consul.clone();
+        if settings.as_ref().is_some_and(|s| s.routes_from_tags) && inner.catalog_watch.is_none() {
+            let cancel = self.background.child_token();
+            let me = self.me.clone();
+            let sync = Arc::new(ServiceSync::new());
+            self.tracker.spawn(consul::watch_catalog(
+                client.clone(),
+                sync.clone(),
+                move |catalog| {
+                    if let Some(r) = me.upgrade() {
+                        r.set_tag_routes(catalog);
+                    }
+                },
+                cancel,
+            ));
+            inner.catalog_watch = Some(sync);
+        }
+        if inner
+            .watching
+            .as_ref()
+            .is_some_and(|(names, _)| names == consul_services)
+        {
+            return;
+        }
+        // The set changed: restart the whole group. Pools keep their endpoints meanwhile, and
+        // the first answers are identical sets, which `replace` skips.
+        if let Some((_, cancel)) = inner.watching.take() {
+            cancel.cancel();
+        }
+        if consul_services.is_empty() {
+            return;
+        }
+        let cancel = self.background.child_token();
+        let watches: Vec<consul::ServiceWatch> = consul_services
+            .iter()
+            .map(|name| {
+                let pool = inner.pools[name].clone();
+                let sync = inner.syncs[name].clone();
+                let publish: Box<dyn FnMut(Vec<super::Discovered>) + Send> = Box::new(move |eps| {
+                    if pool.replace(eps) {
+                        tracing::info!(service = %pool.name(), endpoints = pool.snapshot().len(), "pool updated from Consul");
+                    }
+                });
+                (name.clone(), sync, publish)
+            })
+            .collect();
+        let max = settings.map_or(64, |s| s.max_watches);
+        self.tracker.spawn(consul::watch_many(
+            client.clone(),
+            watches,
+            max,
+            cancel.clone(),
+        ));
+        inner.watching = Some((consul_services.to_vec(), cancel));
+    }
+
+    fn spawn_probes(
+        &self,
+        inner: &mut Inner,
+        wanted: &BTreeMap<Arc<str>, (Source, Option<StaticService>, ServiceSettings)>,
+    ) {
+        let mut probes = BTreeMap::new();
+        for (name, (_, _, settings)) in wanted {
+            let Some(check) = &settings.health_check else {
+                continue;
+            };
+            match inner.probes.remove(name) {
+                Some(p) if &p.check == check => {
+                    probes.insert(name.clone(), p);
+                }
+                old => {
+                    if let Some(p) = old {
+                        p.cancel.cancel();
+                    }
+                    let cancel = self.background.child_token();
+                    self.tracker.spawn(crate::health::run_probes(
+                        inner.pools[name].clone(),
+                        check.clone(),
+                        self.on_health_change.clone(),
+                        cancel.clone(),
+                    ));
+                    probes.insert(
+                        name.clone(),
+                        Probe {
+                            check: check.clone(),
+                            cancel,
+                        },
+                    );
+                }
+            }
+        }
+        // Probing stopped for these: nothing will ever mark them healthy again, so do it now.
+        for (name, p) in std::mem::take(&mut inner.probes) {
+            p.cancel.cancel();
+            if let Some(pool) = inner.pools.get(&name) {
+                for ep in pool.snapshot().list() {
+                    ep.state.set_healthy(true);
+                }
+            }
+        }
+        inner.probes = probes;
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.background.cancel();
+    }
+}
+
+/// A route declared by Consul tags, with the gateway's defaults for everything else.
+fn tag_route(t: &TagRoute) -> Result<RouteConfig, String> {
+    if let Some(host) = &t.host {
+        return Err(format!(
+            "service {}: host {host:?} in a tag route is not supported yet; use a path route",
+            t.service
+        ));
+    }
+    let mut r = RouteConfig::for_service(
+        &format!("tag:{}:{}", t.service, t.path),
+        &t.path,
+        &t.service,
+    );
+    if let Some(lb) = &t.lb {
+        r.policy = Policy::from_name(lb).ok_or_else(|| {
+            format!(
+                "service {}: unknown load balancer {lb:?} in meshgate.lb, expected one of {}",
+                t.service,
+                Policy::NAMES.join(", ")
+            )
+        })?;
+    }
+    if let Some(strip) = &t.strip {
+        r.rewrite
+            .push(Rewrite::StripPrefix(crate::routes::normalise_prefix(strip)));
+    }
+    Ok(r)
+}
