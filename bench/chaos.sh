@@ -163,7 +163,7 @@ start_upstream() { # a|b -> UP_PID, answering (bounded: 15 s)
     url="http://127.0.0.1:${UP_PORT[$n]}/"
   fi
   UP_PID[$n]="$LAST_PID"
-  wait_http "$url" 15 "$LAST_PID" || die "upstream $n did not come up: $(tail -3 "$RUN_DIR/logs/upstream-$n.log" 2>/dev/null)"
+  wait_http "$url" 15 "$LAST_PID" || die "upstream $n did not come up: $(tail -n 3 "$RUN_DIR/logs/upstream-$n.log" 2>/dev/null)"
 }
 
 kill_upstream() { # a|b : the signal to the process and its children (nginx workers) at once
@@ -184,7 +184,7 @@ case "$TARGET" in
 esac
 GW_PID="$LAST_PID"
 URL="http://127.0.0.1:$P_GW$REQ_PATH"
-wait_http "$URL" 30 "$GW_PID" || die "$TARGET did not answer 200 on $URL: $(tail -5 "$RUN_DIR/logs/gateway.log" 2>/dev/null)"
+wait_http "$URL" 30 "$GW_PID" || die "$TARGET did not answer 200 on $URL: $(tail -n 5 "$RUN_DIR/logs/gateway.log" 2>/dev/null)"
 sleep 1   # let health checks (where configured) see both upstreams up
 
 EVENTS="$OUT/events.log"

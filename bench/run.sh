@@ -234,7 +234,7 @@ trap 'exit 143' TERM
 
 if has_target meshgate; then
   "$MESHGATE_BIN" check --config "$RUN_DIR/meshgate.toml" >"$RUN_DIR/logs/meshgate-check.log" 2>&1 \
-    || die "meshgate check rejected $RUN_DIR/meshgate.toml: $(tail -5 "$RUN_DIR/logs/meshgate-check.log")"
+    || die "meshgate check rejected $RUN_DIR/meshgate.toml: $(tail -n 5 "$RUN_DIR/logs/meshgate-check.log")"
 fi
 
 # ---------------------------------------------------------------- start / stop
@@ -253,7 +253,8 @@ start_target() { # TARGET -> TPID[TARGET], answering 200 on / (bounded: 30 s)
   esac
   TPID[$t]="$LAST_PID"
   if ! wait_http "http://127.0.0.1:${PORT[$t]}/" 30 "$LAST_PID"; then
-    die "$t did not answer 200 on 127.0.0.1:${PORT[$t]} within 30 s; log: $(tail -5 "$RUN_DIR/logs/"*"$t"*.log 2>/dev/null)"
+    local lf="$RUN_DIR/logs/$t.log"; [ "$t" = nginx ] && lf="$RUN_DIR/logs/nginx-proxy.err"
+    die "$t did not answer 200 on 127.0.0.1:${PORT[$t]} within 30 s; $lf says: $(tail -n 5 "$lf" 2>/dev/null)"
   fi
 }
 
@@ -536,7 +537,12 @@ SUMMARY="$OUT/summary.md"
   echo "- machine: $(machine_line)"
   echo "- versions: $(versions)"
   echo "- command: \`$CMDLINE\`"
-  echo "- method: medians of $ROUNDS interleaved round(s) of ${DUR} s (warm-up ${WARMUP} s per target and scenario; every proxy started fresh per scenario); $TOOL$([ "$TOOL" = wrk ] && echo " -t$THREADS"); keep-alive scenarios kaN at N connections, close and 1mib at $OTHER_C; idle: $IDLE_CONNS connections held ${IDLE_HOLD} s; $place; one worker per proxy"
+  lgname="$TOOL"; [ "$TOOL" = wrk ] && lgname="wrk -t$THREADS"
+  scen_desc=""
+  case " ${SCEN_LIST[*]} " in *" ka"[0-9]*) scen_desc="$scen_desc; kaN: keep-alive at N connections" ;; esac
+  case " ${SCEN_LIST[*]} " in *" close "*|*" 1mib "*) scen_desc="$scen_desc; close and 1mib at $OTHER_C connections" ;; esac
+  case " ${SCEN_LIST[*]} " in *" idle "*) scen_desc="$scen_desc; idle: $IDLE_CONNS connections held ${IDLE_HOLD} s" ;; esac
+  echo "- method: medians of $ROUNDS interleaved round(s) of ${DUR} s, warm-up ${WARMUP} s per target and scenario, every proxy started fresh per scenario, one worker per proxy; $lgname; $place$scen_desc"
   [ -n "$NOTE" ] && echo "- note: $NOTE"
   echo
   table
