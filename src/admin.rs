@@ -16,6 +16,9 @@ use crate::balancer::Endpoint;
 use crate::discovery::registry::ServiceEntry;
 use crate::proxy::{json_response, ProxyState, ResponseBody};
 
+/// The self-contained dashboard page (no external assets).
+const DASHBOARD: &str = include_str!("admin/dashboard.html");
+
 /// Readiness and uptime. Readiness starts false and is set once discovery has synced; it goes
 /// false again first thing on shutdown so load balancers stop sending before we stop accepting.
 #[derive(Debug)]
@@ -92,6 +95,12 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
             resp
         }
         (&Method::GET, "/health") => json_response(StatusCode::OK, &health(state)),
+        (&Method::GET, "/dashboard") => {
+            let mut resp = Response::new(ResponseBody::full(DASHBOARD));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+            resp
+        }
         (&Method::POST, "/reload") => match state.reloader.get() {
             None => json_response(
                 StatusCode::CONFLICT,
