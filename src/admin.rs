@@ -95,10 +95,27 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
             resp
         }
         (&Method::GET, "/health") => json_response(StatusCode::OK, &health(state)),
+        (&Method::GET, "/metrics") => {
+            let text = state
+                .registry
+                .get()
+                .map(crate::metrics::render)
+                .unwrap_or_default();
+            let mut resp = Response::new(ResponseBody::full(text));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::GET, "/dashboard") => {
             let mut resp = Response::new(ResponseBody::full(DASHBOARD));
-            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-            resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp.headers_mut()
+                .insert("cache-control", HeaderValue::from_static("no-cache"));
             resp
         }
         (&Method::POST, "/reload") => match state.reloader.get() {
@@ -189,6 +206,14 @@ fn service_json(entry: &ServiceEntry) -> Value {
     })
 }
 
+fn latency_ms(h: &crate::metrics::Histogram) -> Value {
+    let ms = |q| h.quantile(q).map(|s| (s * 1e5).round() / 100.0);
+    match (ms(0.5), ms(0.99)) {
+        (Some(p50), Some(p99)) => json!({"p50": p50, "p99": p99}),
+        _ => Value::Null,
+    }
+}
+
 /// The `/health` document: overall status plus request counts and rates per route and endpoint.
 pub fn health(state: &ProxyState) -> Value {
     let table = state.table.load();
@@ -209,6 +234,7 @@ pub fn health(state: &ProxyState) -> Value {
                 "failures": fail,
                 "success_rate": if req == 0 { 1.0 } else { 1.0 - rate(fail, req) },
                 "failure_rate": rate(fail, req),
+                "latency_ms": latency_ms(&r.metrics.latency),
             })
         })
         .collect();

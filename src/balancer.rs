@@ -34,6 +34,8 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// Upstream answers by status class (1xx..5xx).
+    statuses: [AtomicU64; 5],
 }
 
 impl EndpointState {
@@ -48,7 +50,20 @@ impl EndpointState {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            statuses: Default::default(),
         }
+    }
+
+    /// Counts an upstream answer's status.
+    pub fn record_status(&self, status: u16) {
+        self.statuses[crate::metrics::class_index(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Upstream answers in status class `class` (0 = 1xx .. 4 = 5xx).
+    pub fn status_count(&self, class: usize) -> u64 {
+        self.statuses
+            .get(class)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Whether active health checking lets traffic through (true unless probes failed it).

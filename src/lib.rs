@@ -25,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod health;
+pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod routes;
@@ -165,7 +166,12 @@ impl Gateway {
             expose_admin: config.admin.expose_on_main,
             admin: Arc::new(AdminState::new(config.admin.token.clone())),
             reloader: std::sync::OnceLock::new(),
+            metrics: Default::default(),
+            registry: std::sync::OnceLock::new(),
         });
+        let _ = state
+            .registry
+            .set(metrics::registry(Arc::downgrade(&state)));
         let server = config.server.clone();
         let registry = Registry::new(config, state.clone(), error_handlers, on_health_change)?;
         Ok(Self {

@@ -49,6 +49,10 @@ pub struct ProxyState {
     pub admin: Arc<AdminState>,
     /// Set when the gateway was started from a file it can reload.
     pub reloader: std::sync::OnceLock<crate::Reloader>,
+    /// Gateway-wide counters.
+    pub metrics: crate::metrics::GlobalMetrics,
+    /// What `/metrics` encodes (set once at build).
+    pub registry: std::sync::OnceLock<prometheus_client::registry::Registry>,
 }
 
 /// Handles one downstream request. Never fails: every error becomes a response.
@@ -100,9 +104,15 @@ async fn route_request(
     let path = normalised.as_deref().unwrap_or(raw_path).to_owned();
     let table = state.table.load();
     let Some(route) = table.find(&path).cloned() else {
+        state
+            .metrics
+            .no_route
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return error_response(&ProxyError::NoRoute { path }, None, request_id);
     };
     drop(table);
+    let started = tokio::time::Instant::now();
+    let method = req.method().clone();
     let down = Downstream {
         client: client.ip(),
         proto: "http",
@@ -111,6 +121,9 @@ async fn route_request(
     match forward::forward(&state.client, &route, req, &path, down).await {
         Ok(mut resp) => {
             route.record(resp.status().is_server_error());
+            route
+                .metrics
+                .record(&method, resp.status().as_u16(), started.elapsed());
             headers::remove_hop_by_hop(resp.headers_mut());
             route.response_headers.apply(resp.headers_mut());
             resp
@@ -118,7 +131,11 @@ async fn route_request(
         Err(e) => {
             route.record(true);
             log_error(&e, &route);
-            error_response(&e, Some(&route), request_id)
+            let resp = error_response(&e, Some(&route), request_id);
+            route
+                .metrics
+                .record(&method, resp.status().as_u16(), started.elapsed());
+            resp
         }
     }
 }

@@ -161,6 +161,8 @@ pub struct Route {
     pub limiter: Option<Arc<crate::proxy::limit::Limiter>>,
     /// Limit on a streaming response once its headers arrived.
     pub stream_timeout: Option<Duration>,
+    /// Request counts by method and status class, latency histograms, retries.
+    pub metrics: crate::metrics::RouteMetrics,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -191,6 +193,7 @@ impl Route {
             budget: Default::default(),
             limiter,
             stream_timeout: cfg.stream_timeout,
+            metrics: Default::default(),
             rewrite: cfg.rewrite.clone(),
             timeout: cfg.timeout,
             preserve_host: cfg.preserve_host,

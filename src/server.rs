@@ -75,6 +75,15 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
+        state
+            .metrics
+            .connections_accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .metrics
+            .connections_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn_state = state.clone();
         let state = state.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let state = state.clone();
@@ -87,6 +96,10 @@ pub async fn serve(
                 tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
             }
             drop(permit);
+            conn_state
+                .metrics
+                .connections_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
     tracing::debug!(?role, "stopped accepting");

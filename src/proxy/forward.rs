@@ -2,6 +2,7 @@
 //! another endpoint when the policy and the request's safety allow.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -196,10 +197,13 @@ pub async fn forward(
             Some(t) => deadline.min(Instant::now() + t),
             None => deadline,
         };
+        let sent = Instant::now();
         let outcome = tokio::time::timeout_at(try_deadline, client.request(upstream_req)).await;
         let (failure, error) = match outcome {
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
+                route.metrics.upstream_latency.observe(sent.elapsed());
+                ep.state.record_status(status);
                 route.pool.report(&ep, Outcome::Status(status));
                 if status >= 500 {
                     lease.record_failure();
@@ -211,6 +215,7 @@ pub async fn forward(
                             // The answer is dropped unread; its connection is not reused.
                             tracing::debug!(route = %route.name, upstream.addr = %ep.authority, status, attempt, "retrying after status");
                             _retry_slot = Some(slot);
+                            route.metrics.retries.fetch_add(1, Ordering::Relaxed);
                             drop(resp);
                             drop(lease);
                             avoid = Some(ep);
@@ -265,6 +270,9 @@ pub async fn forward(
                 Failure::Timeout => policy.on.timeout && safe_to_resend && try_deadline < deadline,
             };
         if !retryable {
+            if attempt > 1 {
+                route.metrics.retried_failed.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(error);
         }
         let Some(slot) = route.budget.try_retry(policy.budget_percent) else {
@@ -272,6 +280,7 @@ pub async fn forward(
             return Err(error);
         };
         _retry_slot = Some(slot);
+        route.metrics.retries.fetch_add(1, Ordering::Relaxed);
         let pause = policy.backoff(attempt);
         if Instant::now() + pause >= deadline {
             return Err(error);
