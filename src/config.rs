@@ -292,6 +292,10 @@ pub struct RouteConfig {
     pub error: Option<ErrorPage>,
     /// Request body limit.
     pub max_body: Option<u64>,
+    /// Relay HTTP/1.1 upgrades.
+    pub websocket: bool,
+    /// Idle limit for upgraded connections.
+    pub websocket_idle_timeout: Option<Duration>,
     /// Retry policy.
     pub retry: RetryPolicy,
     /// Limit on a streaming response once headers arrived.
@@ -317,6 +321,8 @@ impl RouteConfig {
             response_headers: HeaderOps::default(),
             error: None,
             max_body: None,
+            websocket: true,
+            websocket_idle_timeout: None,
             retry: RetryPolicy::default(),
             stream_timeout: None,
             panic_threshold: None,
@@ -1046,6 +1052,10 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             .as_ref()
             .map(|s| c.size(&format!("{rp}.max_body"), s));
         let retry = retry_policy(&mut c, &format!("{rp}.retry"), &r.retry);
+        let websocket_idle_timeout = r
+            .websocket_idle_timeout
+            .as_ref()
+            .map(|t| c.duration(&format!("{rp}.websocket_idle_timeout"), t));
         let stream_timeout = r
             .stream_timeout
             .as_ref()
@@ -1122,6 +1132,8 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 response_headers,
                 error,
                 max_body,
+                websocket: r.websocket,
+                websocket_idle_timeout,
                 retry,
                 stream_timeout,
                 panic_threshold: r.panic_threshold,

@@ -167,6 +167,7 @@ impl Gateway {
             admin: Arc::new(AdminState::new(config.admin.token.clone())),
             reloader: std::sync::OnceLock::new(),
             metrics: Default::default(),
+            upgrades: Default::default(),
             registry: std::sync::OnceLock::new(),
         });
         let _ = state
@@ -312,6 +313,20 @@ impl Gateway {
             Err(_) => tracing::warn!(
                 "connection watcher still shared; not waiting for in-flight requests"
             ),
+        }
+        // Upgraded connections get what is left of the grace period, then are closed.
+        let upgrades = &self.state.upgrades;
+        upgrades.tracker.close();
+        if tokio::time::timeout(server_cfg.grace_period, upgrades.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = upgrades.tracker.len(),
+                "closing upgraded connections at the end of the grace period"
+            );
+            upgrades.stop.cancel();
+            upgrades.tracker.wait().await;
         }
         admin_stop.cancel();
         self.registry.stop();

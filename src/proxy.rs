@@ -7,6 +7,7 @@ pub mod forward;
 pub mod headers;
 pub mod limit;
 pub mod retry;
+pub mod upgrade;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,6 +52,8 @@ pub struct ProxyState {
     pub reloader: std::sync::OnceLock<crate::Reloader>,
     /// Gateway-wide counters.
     pub metrics: crate::metrics::GlobalMetrics,
+    /// Upgraded (WebSocket) connections, for shutdown.
+    pub upgrades: upgrade::Upgrades,
     /// What `/metrics` encodes (set once at build).
     pub registry: std::sync::OnceLock<prometheus_client::registry::Registry>,
 }
@@ -89,7 +92,7 @@ pub async fn handle(
 
 async fn route_request(
     state: &ProxyState,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     client: SocketAddr,
     request_id: &HeaderValue,
 ) -> Response<ResponseBody> {
@@ -113,10 +116,14 @@ async fn route_request(
     drop(table);
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
+    let upgrade = (route.websocket && headers::is_upgrade(req.headers(), req.version()))
+        .then(|| hyper::upgrade::on(&mut req));
     let down = Downstream {
         client: client.ip(),
         proto: "http",
         request_id,
+        upgrade,
+        upgrades: &state.upgrades,
     };
     match forward::forward(&state.client, &route, req, &path, down).await {
         Ok(mut resp) => {
@@ -124,7 +131,12 @@ async fn route_request(
             route
                 .metrics
                 .record(&method, resp.status().as_u16(), started.elapsed());
-            headers::remove_hop_by_hop(resp.headers_mut());
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The upstream's own handshake answer goes back as it is, Upgrade included.
+                headers::remove_hop_by_hop_keep_upgrade(resp.headers_mut());
+            } else {
+                headers::remove_hop_by_hop(resp.headers_mut());
+            }
             route.response_headers.apply(resp.headers_mut());
             resp
         }

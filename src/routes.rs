@@ -161,6 +161,10 @@ pub struct Route {
     pub limiter: Option<Arc<crate::proxy::limit::Limiter>>,
     /// Limit on a streaming response once its headers arrived.
     pub stream_timeout: Option<Duration>,
+    /// Relay HTTP/1.1 upgrades (WebSocket).
+    pub websocket: bool,
+    /// Close an upgraded connection after this much silence.
+    pub websocket_idle_timeout: Option<Duration>,
     /// Request counts by method and status class, latency histograms, retries.
     pub metrics: crate::metrics::RouteMetrics,
     requests: AtomicU64,
@@ -194,6 +198,8 @@ impl Route {
             limiter,
             stream_timeout: cfg.stream_timeout,
             metrics: Default::default(),
+            websocket: cfg.websocket,
+            websocket_idle_timeout: cfg.websocket_idle_timeout,
             rewrite: cfg.rewrite.clone(),
             timeout: cfg.timeout,
             preserve_host: cfg.preserve_host,

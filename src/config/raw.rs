@@ -288,6 +288,10 @@ pub struct RawRoute {
     pub error: Option<RawErrorPage>,
     /// Largest request body accepted (413 beyond). Default unlimited.
     pub max_body: Option<RawSize>,
+    /// Relay WebSocket and other HTTP/1.1 upgrades. Default true.
+    pub websocket: bool,
+    /// Close an upgraded connection after this much silence in both directions. Default: never.
+    pub websocket_idle_timeout: Option<String>,
     /// Retry policy.
     pub retry: RawRetry,
     /// Once response headers arrived, the longest a response may stream. Default: no limit.
@@ -442,6 +446,8 @@ impl Default for RawRoute {
             response_headers: RawHeaderOps::default(),
             error: None,
             max_body: None,
+            websocket: true,
+            websocket_idle_timeout: None,
             retry: RawRetry::default(),
             stream_timeout: None,
             health_check: None,

@@ -49,6 +49,10 @@ pub struct Downstream<'a> {
     pub proto: &'static str,
     /// Request id to pass upstream.
     pub request_id: &'a HeaderValue,
+    /// The client's side of a protocol upgrade, when it asked for one.
+    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Where upgraded connections are tracked.
+    pub upgrades: &'a super::upgrade::Upgrades,
 }
 
 /// The request body as the retry loop sees it.
@@ -128,7 +132,11 @@ pub async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    headers::remove_hop_by_hop(&mut parts.headers);
+    if down.upgrade.is_some() {
+        headers::remove_hop_by_hop_keep_upgrade(&mut parts.headers);
+    } else {
+        headers::remove_hop_by_hop(&mut parts.headers);
+    }
     let via = if parts.version == Version::HTTP_2 {
         "2 meshgate"
     } else {
@@ -200,7 +208,7 @@ pub async fn forward(
         let sent = Instant::now();
         let outcome = tokio::time::timeout_at(try_deadline, client.request(upstream_req)).await;
         let (failure, error) = match outcome {
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
                 let status = resp.status().as_u16();
                 route.metrics.upstream_latency.observe(sent.elapsed());
                 ep.state.record_status(status);
@@ -222,6 +230,28 @@ pub async fn forward(
                             tokio::time::sleep(pause).await;
                             continue;
                         }
+                    }
+                }
+                if attempt > 1 {
+                    let outcome = if status >= 500 {
+                        &route.metrics.retried_failed
+                    } else {
+                        &route.metrics.retried_ok
+                    };
+                    outcome.fetch_add(1, Ordering::Relaxed);
+                }
+                if status == 101 {
+                    if let Some(client_side) = down.upgrade {
+                        let upstream_side = hyper::upgrade::on(&mut resp);
+                        super::upgrade::splice(
+                            down.upgrades,
+                            client_side,
+                            upstream_side,
+                            lease,
+                            permit,
+                            route.websocket_idle_timeout,
+                        );
+                        return Ok(resp.map(|_| ResponseBody::empty()));
                     }
                 }
                 return Ok(

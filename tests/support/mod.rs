@@ -1,5 +1,7 @@
 //! Test support: real loopback servers and the real gateway. Not every test uses every helper.
 #![allow(dead_code)]
 
+pub mod consul;
 pub mod gateway;
 pub mod upstream;
+pub mod ws;
