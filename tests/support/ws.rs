@@ -9,12 +9,15 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Request target and headers of one handshake.
+pub type Handshake = (String, Vec<(String, String)>);
+
 /// A running echo server.
 pub struct WsEcho {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Request line and headers of every handshake seen.
-    pub handshakes: Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>,
+    pub handshakes: Arc<Mutex<Vec<Handshake>>>,
 }
 
 impl WsEcho {
@@ -32,6 +35,8 @@ impl WsEcho {
                 };
                 let seen = seen.clone();
                 tokio::spawn(async move {
+                    // The callback's error type is tungstenite's own; its size is not ours to choose.
+                    #[allow(clippy::result_large_err)]
                     let callback = |req: &Request, mut resp: Response| {
                         let headers = req
                             .headers()
@@ -80,7 +85,8 @@ impl WsEcho {
                                 let _ = ws.close(Some(frame)).await;
                             }
                             Message::Text(_) | Message::Binary(_) => {
-                                if ws.send(msg).await.is_err() {
+                                let failed = ws.send(msg).await.is_err();
+                                if failed {
                                     return;
                                 }
                             }
