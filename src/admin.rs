@@ -85,6 +85,17 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false}))
             }
         }
+        // The page holds no data; its fetches carry the token (`?token=`).
+        (&Method::GET, "/dashboard") => {
+            let mut resp = Response::new(ResponseBody::full(DASHBOARD));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp.headers_mut()
+                .insert("cache-control", HeaderValue::from_static("no-cache"));
+            resp
+        }
         _ if !admin.authorized(req) => {
             let mut resp = json_response(
                 StatusCode::UNAUTHORIZED,
@@ -106,16 +117,6 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
-            resp
-        }
-        (&Method::GET, "/dashboard") => {
-            let mut resp = Response::new(ResponseBody::full(DASHBOARD));
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            resp.headers_mut()
-                .insert("cache-control", HeaderValue::from_static("no-cache"));
             resp
         }
         (&Method::POST, "/reload") => match state.reloader.get() {
