@@ -58,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let listeners = Listeners {
         main: tokio::net::TcpListener::bind("127.0.0.1:8080").await?,
         admin: Some(tokio::net::TcpListener::bind("127.0.0.1:9901").await?),
+        tls: None,
     };
     println!("try: curl http://127.0.0.1:8080/api/v1/users   (Ctrl-C to stop)");
     gateway

@@ -2,6 +2,7 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
+pub mod otel;
 pub mod raw;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -164,10 +165,27 @@ pub struct Config {
     pub server: ServerConfig,
     /// Global CORS policy.
     pub cors: Option<Arc<CorsConfig>>,
+    /// TLS listener.
+    pub tls: Option<TlsListener>,
     /// Logging.
     pub log: LogConfig,
+    /// OpenTelemetry trace export.
+    pub tracing: otel::TracingConfig,
     /// Routes in file order (matching picks the longest prefix).
     pub routes: Vec<RouteConfig>,
+    /// The file merged with `MESHGATE_*` as it was read, for the admin `/config` view.
+    pub source: Arc<RawConfig>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Certificates; the first answers clients without a known SNI name.
+    pub certs: Vec<crate::tls::CertPair>,
+    /// Built from `certs` when the config was validated (files read then).
+    pub server_config: Arc<rustls::ServerConfig>,
 }
 
 /// `[admin]` plus the token.
@@ -204,8 +222,10 @@ pub enum Provider {
 /// A service with fixed endpoints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaticService {
-    /// How endpoints are reached.
+    /// How endpoints are reached: `http` or `https` (TLS; `wss` too).
     pub scheme: Scheme,
+    /// HTTP/2 with prior knowledge over plain TCP (`h2c://` targets).
+    pub h2c: bool,
     /// The endpoints.
     pub endpoints: Vec<Discovered>,
 }
@@ -243,6 +263,20 @@ pub struct LogConfig {
     pub level: String,
     /// JSON lines instead of text.
     pub json: bool,
+    /// One line per request on stdout (`[log] access`).
+    pub access: AccessLogFormat,
+}
+
+/// `[log] access`: the access log's format, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLogFormat {
+    /// No access log (the default).
+    #[default]
+    Off,
+    /// `key=value` pairs (logfmt).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// What a route sends traffic to.
@@ -292,6 +326,8 @@ pub struct RouteConfig {
     pub error: Option<ErrorPage>,
     /// Request body limit.
     pub max_body: Option<u64>,
+    /// TLS to `https`/`wss` targets.
+    pub upstream_tls: Option<crate::tls::UpstreamTls>,
     /// Relay HTTP/1.1 upgrades.
     pub websocket: bool,
     /// Idle limit for upgraded connections.
@@ -321,6 +357,7 @@ impl RouteConfig {
             response_headers: HeaderOps::default(),
             error: None,
             max_body: None,
+            upstream_tls: None,
             websocket: true,
             websocket_idle_timeout: None,
             retry: RetryPolicy::default(),
@@ -485,7 +522,11 @@ fn parse_size(size: &RawSize) -> Result<u64, String> {
 }
 
 /// Parses `http://host:port` into scheme and endpoint.
-fn parse_target(check: &mut Check, path: &str, target: &RawTarget) -> Option<(Scheme, Discovered)> {
+fn parse_target(
+    check: &mut Check,
+    path: &str,
+    target: &RawTarget,
+) -> Option<((Scheme, bool), Discovered)> {
     let (url, weight) = match target {
         RawTarget::Url(u) => (u.as_str(), 1),
         RawTarget::Weighted { url, weight } => (url.as_str(), weight.unwrap_or(1)),
@@ -507,12 +548,16 @@ fn parse_target(check: &mut Check, path: &str, target: &RawTarget) -> Option<(Sc
             return None;
         }
     };
-    let scheme = match uri.scheme_str() {
-        Some("http") | Some("ws") => Scheme::HTTP,
+    let (scheme, h2c) = match uri.scheme_str() {
+        Some("http") | Some("ws") => (Scheme::HTTP, false),
+        Some("https") | Some("wss") => (Scheme::HTTPS, false),
+        Some("h2c") => (Scheme::HTTP, true),
         Some(other) => {
             check.err(
                 path,
-                format!("target {url:?}: scheme {other:?} is not supported yet; use http://"),
+                format!(
+                    "target {url:?}: unknown scheme {other:?}; use http, https, ws, wss or h2c"
+                ),
             );
             return None;
         }
@@ -536,8 +581,10 @@ fn parse_target(check: &mut Check, path: &str, target: &RawTarget) -> Option<(Sc
         return None;
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
-    Some((scheme, Discovered::new(host, port, weight)))
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+    Some(((scheme, h2c), Discovered::new(host, port, weight)))
 }
 
 /// A static service may be empty (it answers 503 until changed at run time); route targets may not.
@@ -560,13 +607,15 @@ fn parse_targets(
     }
     if targets.is_empty() {
         if allow_empty {
-            scheme = Some(Scheme::HTTP);
+            scheme = Some((Scheme::HTTP, false));
         } else {
             check.err(path, "needs at least one target");
         }
     }
+    let (scheme, h2c) = scheme?;
     Some(StaticService {
-        scheme: scheme?,
+        scheme,
+        h2c,
         endpoints,
     })
 }
@@ -738,6 +787,7 @@ fn outlier(c: &mut Check, path: &str, o: &RawOutlier) -> OutlierConfig {
 }
 
 fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
+    let source = Arc::new(raw.clone());
     let mut c = Check {
         problems: Vec::new(),
     };
@@ -845,6 +895,54 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         ))
     });
 
+    // TLS listener.
+    let tls = raw.tls.as_ref().and_then(|t| {
+        c.unknown("tls", &t.unknown);
+        let listen = match &t.listen {
+            Some(l) => c.socket("tls.listen", l),
+            None => {
+                c.err(
+                    "tls.listen",
+                    "missing; the TLS listener needs an address such as \"0.0.0.0:8443\"",
+                );
+                None
+            }
+        };
+        let mut certs = Vec::new();
+        match (&t.cert_file, &t.key_file) {
+            (Some(cert), Some(key)) => certs.push(crate::tls::CertPair {
+                cert_file: cert.into(),
+                key_file: key.into(),
+                names: Vec::new(),
+            }),
+            (None, None) => {}
+            _ => c.err("tls", "cert_file and key_file go together"),
+        }
+        for (i, extra) in t.certificates.iter().enumerate() {
+            c.unknown(&format!("tls.certificates[{i}]"), &extra.unknown);
+            certs.push(crate::tls::CertPair {
+                cert_file: extra.cert_file.clone().into(),
+                key_file: extra.key_file.clone().into(),
+                names: extra.names.clone(),
+            });
+        }
+        if certs.is_empty() {
+            c.err("tls", "needs cert_file and key_file, or certificates");
+            return None;
+        }
+        match crate::tls::server_config(&certs) {
+            Ok(server_config) => Some(TlsListener {
+                listen: listen?,
+                certs,
+                server_config,
+            }),
+            Err(e) => {
+                c.err("tls", crate::proxy::Chain(&e).to_string());
+                None
+            }
+        }
+    });
+
     // Admin and log.
     c.unknown("admin", &raw.admin.unknown);
     let admin_listen = match raw.admin.listen.trim() {
@@ -885,9 +983,29 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             format!("invalid filter {:?}: {e}", raw.log.level),
         );
     }
+    let access = match raw.log.access.as_str() {
+        "off" => AccessLogFormat::Off,
+        "text" => AccessLogFormat::Text,
+        "json" => AccessLogFormat::Json,
+        other => {
+            c.err(
+                "log.access",
+                format!("unknown access log format {other:?}, expected one of off, text, json"),
+            );
+            AccessLogFormat::Off
+        }
+    };
+    c.unknown("tracing", &raw.tracing.unknown);
+    let tracing = otel::resolve(&raw.tracing, env).unwrap_or_else(|problems| {
+        for (path, message) in problems {
+            c.err(path, message);
+        }
+        otel::TracingConfig::default()
+    });
     let log = LogConfig {
         level: raw.log.level.clone(),
         json,
+        access,
     };
 
     // Routes.
@@ -1052,6 +1170,28 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             .as_ref()
             .map(|s| c.size(&format!("{rp}.max_body"), s));
         let retry = retry_policy(&mut c, &format!("{rp}.retry"), &r.retry);
+        let upstream_tls = r.upstream_tls.as_ref().map(|t| {
+            let tp = format!("{rp}.upstream_tls");
+            c.unknown(&tp, &t.unknown);
+            let client_cert = match (&t.cert_file, &t.key_file) {
+                (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+                (None, None) => None,
+                _ => {
+                    c.err(&tp, "cert_file and key_file go together");
+                    None
+                }
+            };
+            let tls = crate::tls::UpstreamTls {
+                ca_file: t.ca_file.as_ref().map(PathBuf::from),
+                client_cert,
+                server_name: t.server_name.clone(),
+                insecure_skip_verify: t.insecure_skip_verify,
+            };
+            if let Err(e) = crate::tls::client_config(&tls) {
+                c.err(&tp, crate::proxy::Chain(&e).to_string());
+            }
+            tls
+        });
         let websocket_idle_timeout = r
             .websocket_idle_timeout
             .as_ref()
@@ -1132,6 +1272,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 response_headers,
                 error,
                 max_body,
+                upstream_tls,
                 websocket: r.websocket,
                 websocket_idle_timeout,
                 retry,
@@ -1157,8 +1298,11 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         upstream,
         server,
         cors,
+        tls,
         log,
+        tracing,
         routes,
+        source,
     })
 }
 

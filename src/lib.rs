@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -60,6 +61,8 @@ pub struct Listeners {
     pub main: TcpListener,
     /// The admin listener, when enabled.
     pub admin: Option<TcpListener>,
+    /// The TLS listener, when `[tls]` is configured.
+    pub tls: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -72,7 +75,15 @@ impl Listeners {
             Some(a) => Some(TcpListener::bind(a).await.map_err(|e| with_addr(e, a))?),
             None => None,
         };
-        Ok(Self { main, admin })
+        let tls = match &config.tls {
+            Some(t) => Some(
+                TcpListener::bind(t.listen)
+                    .await
+                    .map_err(|e| with_addr(e, t.listen))?,
+            ),
+            None => None,
+        };
+        Ok(Self { main, admin, tls })
     }
 }
 
@@ -168,6 +179,7 @@ impl Gateway {
             reloader: std::sync::OnceLock::new(),
             metrics: Default::default(),
             upgrades: Default::default(),
+            tls: ArcSwapOption::new(config.tls.as_ref().map(|t| t.server_config.clone())),
             registry: std::sync::OnceLock::new(),
         });
         let _ = state
@@ -244,6 +256,17 @@ impl Gateway {
             graceful.clone(),
             stop_accepting.clone(),
         ))];
+        if let Some(l) = listeners.tls {
+            tracing::info!(listen = %l.local_addr()?, "TLS listener (HTTP/2 and HTTP/1.1 by ALPN)");
+            accept_loops.push(tokio::spawn(server::serve(
+                l,
+                server::Role::Tls,
+                self.state.clone(),
+                server_cfg.clone(),
+                graceful.clone(),
+                stop_accepting.clone(),
+            )));
+        }
         let admin_stop = CancellationToken::new();
         let admin_addr = match listeners.admin {
             Some(l) => {
@@ -298,8 +321,16 @@ impl Gateway {
             tokio::time::sleep(server_cfg.drain_delay).await;
         }
         stop_accepting.cancel();
-        let main_loop = accept_loops.remove(0);
-        let _ = main_loop.await;
+        // The main and TLS accept loops end on `stop_accepting`; the admin one stays up.
+        let admin_loop = if admin_addr.is_some() {
+            accept_loops.pop()
+        } else {
+            None
+        };
+        for l in accept_loops.drain(..) {
+            let _ = l.await;
+        }
+        accept_loops.extend(admin_loop);
         // The accept loop has ended, so this is the last handle to the main listener's watcher.
         match Arc::try_unwrap(graceful) {
             Ok(graceful) => {

@@ -52,6 +52,8 @@ pub struct ProxyState {
     pub reloader: std::sync::OnceLock<crate::Reloader>,
     /// Gateway-wide counters.
     pub metrics: crate::metrics::GlobalMetrics,
+    /// The TLS listener's configuration; replaced on reload so renewed certificates apply.
+    pub tls: ArcSwapOption<rustls::ServerConfig>,
     /// Upgraded (WebSocket) connections, for shutdown.
     pub upgrades: upgrade::Upgrades,
     /// What `/metrics` encodes (set once at build).
@@ -63,6 +65,28 @@ pub async fn handle(
     state: &ProxyState,
     req: Request<Incoming>,
     client: SocketAddr,
+    proto: &'static str,
+) -> Response<ResponseBody> {
+    // A guard, so a request whose client went away (future dropped) is uncounted too.
+    struct InFlight<'a>(&'a std::sync::atomic::AtomicI64);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    state
+        .metrics
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _in_flight = InFlight(&state.metrics.in_flight);
+    handle_inner(state, req, client, proto).await
+}
+
+async fn handle_inner(
+    state: &ProxyState,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    proto: &'static str,
 ) -> Response<ResponseBody> {
     let request_id = headers::request_id(req.headers());
     let cors = state.cors.load();
@@ -78,7 +102,7 @@ pub async fn handle(
             resp
         }
         _ => {
-            let mut resp = route_request(state, req, client, &request_id).await;
+            let mut resp = route_request(state, req, client, proto, &request_id).await;
             if let Some(cors) = &*cors {
                 cors.decorate(origin.as_ref(), resp.headers_mut());
             }
@@ -94,6 +118,7 @@ async fn route_request(
     state: &ProxyState,
     mut req: Request<Incoming>,
     client: SocketAddr,
+    proto: &'static str,
     request_id: &HeaderValue,
 ) -> Response<ResponseBody> {
     let raw_path = req.uri().path();
@@ -120,7 +145,7 @@ async fn route_request(
         .then(|| hyper::upgrade::on(&mut req));
     let down = Downstream {
         client: client.ip(),
-        proto: "http",
+        proto,
         request_id,
         upgrade,
         upgrades: &state.upgrades,

@@ -161,6 +161,10 @@ pub struct Route {
     pub limiter: Option<Arc<crate::proxy::limit::Limiter>>,
     /// Limit on a streaming response once its headers arrived.
     pub stream_timeout: Option<Duration>,
+    /// This route's own upstream client (TLS settings, h2c); `None` uses the shared one.
+    pub client: Option<crate::proxy::forward::UpstreamClient>,
+    /// An HTTP/1.1-only client for protocol upgrades to TLS upstreams (ALPN could pick h2).
+    pub upgrade_client: Option<crate::proxy::forward::UpstreamClient>,
     /// Relay HTTP/1.1 upgrades (WebSocket).
     pub websocket: bool,
     /// Close an upgraded connection after this much silence.
@@ -198,6 +202,8 @@ impl Route {
             limiter,
             stream_timeout: cfg.stream_timeout,
             metrics: Default::default(),
+            client: None,
+            upgrade_client: None,
             websocket: cfg.websocket,
             websocket_idle_timeout: cfg.websocket_idle_timeout,
             rewrite: cfg.rewrite.clone(),

@@ -39,6 +39,8 @@ pub fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 pub enum Role {
     /// The proxy (and the seed's `/health` and `/status`).
     Main,
+    /// The proxy behind TLS (HTTP/2 or HTTP/1.1 by ALPN).
+    Tls,
     /// Admin endpoints only.
     Admin,
 }
@@ -89,10 +91,42 @@ pub async fn serve(
             let state = state.clone();
             async move { Ok::<_, Infallible>(dispatch(&state, role, req, peer).await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let tls = match role {
+            Role::Tls => conn_state
+                .tls
+                .load_full()
+                .map(tokio_rustls::TlsAcceptor::from),
+            Role::Main | Role::Admin => None,
+        };
+        let builder = builder.clone();
+        let graceful = graceful.clone();
+        let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    graceful.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            graceful.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(client.addr = %peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(client.addr = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(client.addr = %peer, error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -112,7 +146,8 @@ async fn dispatch(
     peer: SocketAddr,
 ) -> hyper::Response<proxy::ResponseBody> {
     match role {
-        Role::Main => proxy::handle(state, req, peer).await,
+        Role::Main => proxy::handle(state, req, peer, "http").await,
+        Role::Tls => proxy::handle(state, req, peer, "https").await,
         Role::Admin => crate::admin::respond(state, &req),
     }
 }

@@ -26,10 +26,14 @@ pub struct RawConfig {
     pub server: RawServer,
     /// Global CORS policy; absent means the gateway adds no CORS headers.
     pub cors: Option<RawCors>,
+    /// TLS listener.
+    pub tls: Option<RawTls>,
     /// Admin listener.
     pub admin: RawAdmin,
     /// Logging.
     pub log: RawLog,
+    /// OpenTelemetry trace export.
+    pub tracing: RawTracing,
     /// The route table.
     pub routes: Vec<RawRoute>,
     /// Keys the model does not know; each is reported by `validate`.
@@ -47,8 +51,10 @@ impl Default for RawConfig {
             upstream: RawUpstream::default(),
             server: RawServer::default(),
             cors: None,
+            tls: None,
             admin: RawAdmin::default(),
             log: RawLog::default(),
+            tracing: RawTracing::default(),
             routes: Vec::new(),
             unknown: Unknown::new(),
         }
@@ -214,6 +220,57 @@ impl Default for RawCors {
     }
 }
 
+/// `[tls]`: a TLS listener serving HTTP/1.1 and HTTP/2 (ALPN) next to the plain one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawTls {
+    /// TLS listener address, e.g. `"0.0.0.0:8443"`.
+    pub listen: Option<String>,
+    /// Default certificate chain (PEM).
+    pub cert_file: Option<String>,
+    /// Its private key (PEM).
+    pub key_file: Option<String>,
+    /// More certificates, chosen by SNI.
+    pub certificates: Vec<RawCert>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// One SNI certificate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawCert {
+    /// Certificate chain (PEM).
+    pub cert_file: String,
+    /// Private key (PEM).
+    pub key_file: String,
+    /// Names it serves; default: the certificate's DNS names.
+    pub names: Vec<String>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// `upstream_tls = { ... }` on a route with `https://` or `wss://` targets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawUpstreamTls {
+    /// Trust these CAs (PEM) instead of the system's.
+    pub ca_file: Option<String>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert_file: Option<String>,
+    /// Its key.
+    pub key_file: Option<String>,
+    /// Name to verify and send as SNI instead of the endpoint's host.
+    pub server_name: Option<String>,
+    /// Do not verify the upstream's certificate.
+    pub insecure_skip_verify: bool,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
 /// `[admin]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -245,6 +302,8 @@ pub struct RawLog {
     pub level: String,
     /// `text` (default) or `json`.
     pub format: String,
+    /// Access log, one line per request on stdout: `off` (default), `text` or `json`.
+    pub access: String,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -255,9 +314,34 @@ impl Default for RawLog {
         Self {
             level: "info".into(),
             format: "text".into(),
+            access: "off".into(),
             unknown: Unknown::new(),
         }
     }
+}
+
+/// `[tracing]`: OpenTelemetry trace export. Unset keys fall back to the standard `OTEL_*`
+/// variables (a value here always beats the environment), then to the defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawTracing {
+    /// Export spans. Default: on when an endpoint is configured here or in
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` (and `OTEL_SDK_DISABLED` is not true).
+    pub enabled: Option<bool>,
+    /// The collector's base URL, e.g. `"http://otel-collector:4318"`; `/v1/traces` is appended
+    /// for `http/protobuf`. Default `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, else
+    /// `http://localhost:4318` (`http://localhost:4317` for gRPC).
+    pub endpoint: Option<String>,
+    /// `http/protobuf` (default) or `grpc`. Default `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`.
+    pub protocol: Option<String>,
+    /// Share of new traces recorded, 0 to 1, parent-based (a caller's sampled flag is followed).
+    /// Default `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else every request.
+    pub sample_ratio: Option<f64>,
+    /// `service.name`. Default `OTEL_SERVICE_NAME`, else `"meshgate"`.
+    pub service_name: Option<String>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
 }
 
 /// One `[[routes]]` entry.
@@ -288,6 +372,8 @@ pub struct RawRoute {
     pub error: Option<RawErrorPage>,
     /// Largest request body accepted (413 beyond). Default unlimited.
     pub max_body: Option<RawSize>,
+    /// TLS settings for `https://` and `wss://` targets.
+    pub upstream_tls: Option<RawUpstreamTls>,
     /// Relay WebSocket and other HTTP/1.1 upgrades. Default true.
     pub websocket: bool,
     /// Close an upgraded connection after this much silence in both directions. Default: never.
@@ -446,6 +532,7 @@ impl Default for RawRoute {
             response_headers: RawHeaderOps::default(),
             error: None,
             max_body: None,
+            upstream_tls: None,
             websocket: true,
             websocket_idle_timeout: None,
             retry: RawRetry::default(),

@@ -261,6 +261,12 @@ impl Registry {
             tracing::warn!(conflict = %n, "route conflict");
         }
 
+        // Consul services reached over TLS when a route on them configures upstream_tls.
+        let tls_services: Vec<Arc<str>> = all
+            .iter()
+            .filter(|r| r.upstream_tls.is_some() && matches!(r.backend, Backend::Service(_)))
+            .map(|r| r.service_name().clone())
+            .collect();
         // Services and their sources.
         let mut wanted: BTreeMap<Arc<str>, (Source, Option<StaticService>, ServiceSettings)> =
             BTreeMap::new();
@@ -294,7 +300,11 @@ impl Registry {
         // Pools: reuse by name, so endpoints keep their state.
         let mut pools = BTreeMap::new();
         for (name, (_, fixed, settings)) in &wanted {
-            let scheme = fixed.as_ref().map_or(Scheme::HTTP, |f| f.scheme.clone());
+            let scheme = match fixed {
+                Some(f) => f.scheme.clone(),
+                None if tls_services.contains(name) => Scheme::HTTPS,
+                None => Scheme::HTTP,
+            };
             let pool = match inner.pools.get(name) {
                 Some(p) if p.scheme() == &scheme => p.clone(),
                 _ => Arc::new(ServicePool::new(name.clone(), scheme)),
@@ -329,12 +339,16 @@ impl Registry {
                 Some((old_cfg, old)) if old_cfg == r && Arc::ptr_eq(&old.pool, &pool) => {
                     old.clone()
                 }
-                _ => Arc::new(Route::new(
-                    r,
-                    pool,
-                    self.handlers.get(&*r.name).cloned(),
-                    limiter,
-                )),
+                _ => {
+                    let h2c = wanted
+                        .get(r.service_name())
+                        .and_then(|w| w.1.as_ref())
+                        .is_some_and(|f| f.h2c);
+                    let mut route =
+                        Route::new(r, pool, self.handlers.get(&*r.name).cloned(), limiter);
+                    self.route_clients(&mut route, r, h2c, &inner.config.upstream);
+                    Arc::new(route)
+                }
             };
             routes.insert(r.name.clone(), (r.clone(), live));
         }
@@ -379,6 +393,34 @@ impl Registry {
         self.state.table.store(Arc::new(table));
         self.state.services.store(Arc::new(services));
         self.state.notes.store(Arc::new(notes));
+    }
+
+    /// Gives a route its own upstream clients when it needs TLS settings or h2c.
+    fn route_clients(
+        &self,
+        route: &mut Route,
+        cfg: &RouteConfig,
+        h2c: bool,
+        upstream: &crate::config::UpstreamConfig,
+    ) {
+        use crate::proxy::forward::{client_for, Transport};
+        let tls_pool = route.pool.scheme() == &Scheme::HTTPS;
+        let build = |transport| match client_for(upstream, cfg.upstream_tls.as_ref(), transport) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // Validation read the same files; they changed since. The shared client stays.
+                tracing::error!(route = %cfg.name, error = %crate::proxy::Chain(&e), "upstream TLS settings unusable");
+                None
+            }
+        };
+        if h2c {
+            route.client = build(Transport::H2c);
+        } else if tls_pool || cfg.upstream_tls.is_some() {
+            route.client = build(Transport::Auto);
+            if cfg.websocket {
+                route.upgrade_client = build(Transport::Http1);
+            }
+        }
     }
 
     fn spawn_watches(&self, inner: &mut Inner, consul_services: &[Arc<str>]) {

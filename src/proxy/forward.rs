@@ -10,6 +10,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -22,23 +23,94 @@ use super::retry::is_idempotent;
 use crate::balancer::{Endpoint, Outcome};
 use crate::config::UpstreamConfig;
 use crate::routes::{rewrite_path, Route};
+use crate::tls::UpstreamTls;
 
-/// The pooled upstream client shared by every route.
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+/// A pooled upstream client: plain HTTP/1.1, h2c, or TLS with HTTP/2 or HTTP/1.1 by ALPN.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// How a client reaches its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTP/1.1 over TCP, or TLS with ALPN (h2 preferred) for `https` URIs.
+    Auto,
+    /// HTTP/2 with prior knowledge over TCP (`h2c://` targets).
+    H2c,
+    /// HTTP/1.1 only, also over TLS (protocol upgrades such as WebSocket need it).
+    Http1,
+}
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-/// Builds the keep-alive client pool to upstreams.
+/// Builds the default keep-alive client pool to upstreams (system roots for TLS).
 pub fn client(cfg: &UpstreamConfig) -> UpstreamClient {
+    match client_for(cfg, None, Transport::Auto) {
+        Ok(c) => c,
+        Err(e) => {
+            // Only a broken system trust store gets here; plain HTTP still works.
+            tracing::warn!(error = %super::Chain(&e), "system trust store unavailable; upstream TLS needs ca_file");
+            let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+            build(cfg, tls, None, Transport::Auto)
+        }
+    }
+}
+
+/// Builds a client for one route's TLS settings and transport.
+pub fn client_for(
+    cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
+    transport: Transport,
+) -> Result<UpstreamClient, crate::tls::TlsError> {
+    let default = UpstreamTls::default();
+    let tls_settings = tls.unwrap_or(&default);
+    let rustls_cfg = crate::tls::client_config(tls_settings)?;
+    Ok(build(
+        cfg,
+        rustls_cfg,
+        tls_settings.server_name.clone(),
+        transport,
+    ))
+}
+
+fn build(
+    cfg: &UpstreamConfig,
+    tls: rustls::ClientConfig,
+    server_name: Option<String>,
+    transport: Transport,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let builder = match server_name.and_then(|n| rustls::pki_types::ServerName::try_from(n).ok()) {
+        Some(name) => {
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    let connector = match transport {
+        Transport::Http1 => builder.enable_http1().wrap_connector(http),
+        Transport::Auto | Transport::H2c => builder.enable_all_versions().wrap_connector(http),
+    };
+    let mut client = Client::builder(TokioExecutor::new());
+    client
         .pool_idle_timeout(cfg.idle_timeout)
         .pool_max_idle_per_host(cfg.max_idle_per_host)
         .pool_timer(TokioTimer::new())
-        .build(http)
+        .timer(TokioTimer::new());
+    if transport == Transport::H2c {
+        client.http2_only(true);
+    }
+    client.build(connector)
 }
 
 /// What the forwarder needs to know about the downstream side.
@@ -206,6 +278,11 @@ pub async fn forward(
             None => deadline,
         };
         let sent = Instant::now();
+        let client = match (&down.upgrade, &route.upgrade_client, &route.client) {
+            (Some(_), Some(c), _) => c,
+            (_, _, Some(c)) => c,
+            _ => client,
+        };
         let outcome = tokio::time::timeout_at(try_deadline, client.request(upstream_req)).await;
         let (failure, error) = match outcome {
             Ok(Ok(mut resp)) => {

@@ -63,6 +63,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
+    // `TE: trailers` is the one TE value that must travel: gRPC servers insist on it.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     for name in [
         &header::CONNECTION,
         &KEEP_ALIVE,
@@ -73,6 +80,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         &header::UPGRADE,
     ] {
         headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 

@@ -19,6 +19,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// TLS listener, when the config has `[tls]`.
+    pub tls: Option<SocketAddr>,
     /// Request-path state (pools, routes).
     pub state: Arc<ProxyState>,
     /// The static provider, to change services at run time.
@@ -46,6 +48,11 @@ pub async fn start_config(config: Config) -> TestGateway {
 pub async fn start_gateway(gateway: Gateway) -> TestGateway {
     let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls = match gateway.state().tls.load().is_some() {
+        true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        false => None,
+    };
+    let tls_addr = tls.as_ref().map(|l| l.local_addr().unwrap());
     let addr = main.local_addr().unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let state = gateway.state().clone();
@@ -55,6 +62,7 @@ pub async fn start_gateway(gateway: Gateway) -> TestGateway {
         Listeners {
             main,
             admin: Some(admin),
+            tls,
         },
         async move {
             let _ = rx.await;
@@ -63,6 +71,7 @@ pub async fn start_gateway(gateway: Gateway) -> TestGateway {
     TestGateway {
         addr,
         admin: admin_addr,
+        tls: tls_addr,
         state,
         discovery,
         stop: Some(tx),

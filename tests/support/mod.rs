@@ -4,4 +4,5 @@
 pub mod consul;
 pub mod gateway;
 pub mod upstream;
+pub mod util;
 pub mod ws;
