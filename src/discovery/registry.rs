@@ -173,6 +173,9 @@ impl Registry {
             if old.admin.listen != config.admin.listen {
                 restart.push("admin.listen".to_owned());
             }
+            if old.tls.as_ref().map(|t| t.listen) != config.tls.as_ref().map(|t| t.listen) {
+                restart.push("tls.listen".to_owned());
+            }
             if old.workers != config.workers {
                 restart.push("workers".to_owned());
             }
@@ -194,7 +197,14 @@ impl Registry {
             keep.upstream = inner.config.upstream.clone();
             inner.config = keep;
         }
-        self.state.cors.store(self.lock().config.cors.clone());
+        {
+            let inner = self.lock();
+            self.state.cors.store(inner.config.cors.clone());
+            // Certificates were read again by validation: renewed files apply to new handshakes.
+            self.state
+                .tls
+                .store(inner.config.tls.as_ref().map(|t| t.server_config.clone()));
+        }
         self.apply(true);
         restart
     }

@@ -3,6 +3,7 @@
 
 pub mod consul;
 pub mod gateway;
+pub mod h2;
 pub mod upstream;
 pub mod util;
 pub mod ws;
