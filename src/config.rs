@@ -669,7 +669,13 @@ fn prefix(check: &mut Check, path: &str, p: &str) -> String {
 fn retry_policy(c: &mut Check, path: &str, r: &RawRetry) -> RetryPolicy {
     c.unknown(path, &r.unknown);
     let attempts = c.count(&format!("{path}.attempts"), r.attempts, 1).min(10) as u32;
-    let mut on = RetryOn::default();
+    // The list replaces the defaults (which the raw default list already spells out).
+    let mut on = RetryOn {
+        connect_failure: false,
+        reset: false,
+        timeout: false,
+        statuses: Vec::new(),
+    };
     for (i, cond) in r.on.iter().enumerate() {
         match cond.as_str() {
             "connect-failure" => on.connect_failure = true,

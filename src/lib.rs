@@ -168,6 +168,27 @@ impl Gateway {
         error_handlers: HashMap<String, ErrorHandler>,
         on_health_change: Option<HealthCallback>,
     ) -> Result<Self, GatewayError> {
+        let telemetry = telemetry::RequestTelemetry::from_config(&config.log, None);
+        Self::assemble(config, error_handlers, on_health_change, telemetry)
+    }
+
+    /// Like [`Gateway::build`], with the request path's telemetry given rather than taken from
+    /// `[log] access`: the trace pipeline (`main` builds it with `telemetry::Tracing::build` and
+    /// installs its layer; tests install it per thread) and the access log's destination.
+    /// Nothing process-wide is touched here.
+    pub fn build_with_telemetry(
+        config: Config,
+        telemetry: telemetry::RequestTelemetry,
+    ) -> Result<Self, GatewayError> {
+        Self::assemble(config, HashMap::new(), None, telemetry)
+    }
+
+    fn assemble(
+        config: Config,
+        error_handlers: HashMap<String, ErrorHandler>,
+        on_health_change: Option<HealthCallback>,
+        telemetry: telemetry::RequestTelemetry,
+    ) -> Result<Self, GatewayError> {
         let state = Arc::new(ProxyState {
             table: ArcSwap::from_pointee(RouteTable::default()),
             services: ArcSwap::default(),
@@ -181,6 +202,8 @@ impl Gateway {
             upgrades: Default::default(),
             tls: ArcSwapOption::new(config.tls.as_ref().map(|t| t.server_config.clone())),
             registry: std::sync::OnceLock::new(),
+            telemetry,
+            config: ArcSwapOption::empty(),
         });
         let _ = state
             .registry
@@ -244,6 +267,8 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let stop_accepting = CancellationToken::new();
         let graceful = Arc::new(GracefulShutdown::new());
+        // Cancelled when the grace period is over: connections still open are closed then.
+        let force_close = CancellationToken::new();
         let server_cfg = self.server.clone();
         self.registry.start();
 
@@ -255,6 +280,7 @@ impl Gateway {
             server_cfg.clone(),
             graceful.clone(),
             stop_accepting.clone(),
+            force_close.clone(),
         ))];
         if let Some(l) = listeners.tls {
             tracing::info!(listen = %l.local_addr()?, "TLS listener (HTTP/2 and HTTP/1.1 by ALPN)");
@@ -265,6 +291,7 @@ impl Gateway {
                 server_cfg.clone(),
                 graceful.clone(),
                 stop_accepting.clone(),
+                force_close.clone(),
             )));
         }
         let admin_stop = CancellationToken::new();
@@ -278,6 +305,7 @@ impl Gateway {
                     self.state.clone(),
                     server_cfg.clone(),
                     Arc::new(GracefulShutdown::new()),
+                    admin_stop.clone(),
                     admin_stop.clone(),
                 )));
                 Some(addr)
@@ -339,6 +367,7 @@ impl Gateway {
                     .is_err()
                 {
                     tracing::warn!(grace_period = ?server_cfg.grace_period, "grace period over; closing remaining connections");
+                    force_close.cancel();
                 }
             }
             Err(_) => tracing::warn!(
@@ -366,6 +395,9 @@ impl Gateway {
         }
         self.registry.tracker().close();
         self.registry.tracker().wait().await;
+        if let Some(access) = self.state.telemetry.access_log() {
+            access.flush(Duration::from_secs(2)).await;
+        }
         tracing::info!("meshgate stopped");
         Ok(())
     }

@@ -53,6 +53,7 @@ pub async fn serve(
     cfg: ServerConfig,
     graceful: Arc<GracefulShutdown>,
     stop: CancellationToken,
+    force_close: CancellationToken,
 ) {
     let builder = Arc::new(connection_builder(&cfg));
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
@@ -99,31 +100,57 @@ pub async fn serve(
             Role::Main | Role::Admin => None,
         };
         let builder = builder.clone();
-        let graceful = graceful.clone();
-        let handshake_timeout = cfg.header_read_timeout;
+        // A watcher per connection, taken before the task starts, so a shutdown signalled in
+        // between is still seen; the tasks never hold the GracefulShutdown itself.
+        let watcher = graceful.watcher();
+        let force_close = force_close.clone();
+        let first_byte_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    graceful.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let conn =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                            graceful.watch(conn.into_owned()).await
+            let serve = async {
+                match tls {
+                    None => {
+                        // hyper's protocol detection waits for the first byte without a timer;
+                        // a client that connects and says nothing must not hold a slot forever.
+                        let mut probe = [0u8; 1];
+                        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => {
+                                tracing::debug!(client.addr = %peer, "no request within header_read_timeout");
+                                return Ok(());
+                            }
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(client.addr = %peer, error = %e, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!(client.addr = %peer, "TLS handshake timed out");
-                            Ok(())
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(tls)) => {
+                                let conn = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(tls), service);
+                                watcher.watch(conn.into_owned()).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(client.addr = %peer, error = %e, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                tracing::debug!(client.addr = %peer, "TLS handshake timed out");
+                                Ok(())
+                            }
                         }
                     }
+                }
+            };
+            let result = tokio::select! {
+                r = serve => r,
+                _ = force_close.cancelled() => {
+                    tracing::debug!(client.addr = %peer, "connection closed at the end of the grace period");
+                    Ok(())
                 }
             };
             if let Err(e) = result {

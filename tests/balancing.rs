@@ -98,7 +98,11 @@ async fn weighted_round_robin_is_smooth_and_exact() {
             _ => 'c',
         });
     }
-    assert_eq!(seq, "aabacaa", "nginx's smooth order, not bursts");
+    // b and c weigh the same, so which of them comes first depends on endpoint order.
+    assert!(
+        seq == "aabacaa" || seq == "aacabaa",
+        "nginx's smooth order, not bursts: {seq}"
+    );
     let t = tally(&gw.url("/"), 700).await;
     assert_eq!((t["u0"], t["u1"], t["u2"]), (500, 100, 100));
 }

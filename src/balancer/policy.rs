@@ -88,10 +88,7 @@ impl Picker {
         client: IpAddr,
         avoid: Option<&Endpoint>,
     ) -> Option<usize> {
-        let panic = self.panic_threshold.is_some_and(|t| {
-            let n = eps.list.len();
-            n > 0 && (eps.available() as f64) * 100.0 < t * n as f64
-        });
+        let panic = self.in_panic(eps);
         let first = self.choose_once(eps, client, avoid, panic)?;
         let slow_start = eps.settings.slow_start;
         if !slow_start.is_zero() {
@@ -104,6 +101,20 @@ impl Picker {
             }
         }
         Some(first)
+    }
+
+    /// Whether panic mode applies to `eps` now: fewer endpoints available than the threshold,
+    /// so picks spread over every endpoint with a positive weight.
+    pub fn in_panic(&self, eps: &Endpoints) -> bool {
+        self.panic_threshold.is_some_and(|t| {
+            let n = eps.list.len();
+            n > 0 && (eps.available() as f64) * 100.0 < t * n as f64
+        })
+    }
+
+    /// The panic threshold in percent, when set.
+    pub fn panic_threshold(&self) -> Option<f64> {
+        self.panic_threshold
     }
 
     /// The policy this picker applies.
@@ -138,7 +149,13 @@ impl Picker {
         };
         let found = match self.policy {
             Policy::RoundRobin => {
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                // A retry looks from the current position without taking a turn, so a dead
+                // endpoint is not tried first by every request.
+                let start = if avoid.is_some() {
+                    self.cursor.load(Ordering::Relaxed)
+                } else {
+                    self.cursor.fetch_add(1, Ordering::Relaxed)
+                };
                 (0..list.len())
                     .map(|i| (start + i) % list.len())
                     .find(|&i| ok(i))

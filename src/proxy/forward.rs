@@ -23,6 +23,7 @@ use super::retry::is_idempotent;
 use crate::balancer::{Endpoint, Outcome};
 use crate::config::UpstreamConfig;
 use crate::routes::{rewrite_path, Route};
+use crate::telemetry::{self, RequestLog};
 use crate::tls::UpstreamTls;
 
 /// A pooled upstream client: plain HTTP/1.1, h2c, or TLS with HTTP/2 or HTTP/1.1 by ALPN.
@@ -125,6 +126,10 @@ pub struct Downstream<'a> {
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// Where upgraded connections are tracked.
     pub upgrades: &'a super::upgrade::Upgrades,
+    /// Tracing is on: a client span per attempt, its `traceparent` sent upstream.
+    pub trace: bool,
+    /// Facts for the access log line, when the access log is on.
+    pub log: Option<&'a mut RequestLog>,
 }
 
 /// The request body as the retry loop sees it.
@@ -152,7 +157,7 @@ pub async fn forward(
     route: &Route,
     req: Request<Incoming>,
     path: &str,
-    down: Downstream<'_>,
+    mut down: Downstream<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let started = Instant::now();
     let deadline = started + route.timeout;
@@ -197,6 +202,15 @@ pub async fn forward(
     } else {
         Payload::Stream(Some(RequestBody::streaming(body, route.max_body)))
     };
+    if let Some(log) = down.log.as_deref_mut() {
+        match &mut payload {
+            Payload::Replayable(chunks) => {
+                log.bytes_in = Some(chunks.iter().map(|c| c.len() as u64).sum());
+            }
+            Payload::Stream(Some(body)) => body.count_into(log.body_counter()),
+            Payload::Stream(None) => {}
+        }
+    }
 
     let host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
@@ -244,6 +258,16 @@ pub async fn forward(
                 service: route.pool.name().clone(),
             })?;
         let ep = lease.endpoint().clone();
+        let span = match down.trace {
+            true => {
+                telemetry::client_span(&parts.method, &ep, route.pool.scheme().as_str(), attempt)
+            }
+            false => tracing::Span::none(),
+        };
+        if let Some(log) = down.log.as_deref_mut() {
+            log.attempts = attempt;
+            log.upstream = Some(ep.authority.clone());
+        }
         let uri = Uri::builder()
             .scheme(route.pool.scheme().clone())
             .authority(ep.authority.clone())
@@ -265,6 +289,7 @@ pub async fn forward(
             if !route.preserve_host {
                 h.insert(HOST, ep.host_header.clone());
             }
+            telemetry::inject(&span, h);
         }
         let body = match &mut payload {
             Payload::Replayable(chunks) => RequestBody::from_chunks(chunks),
@@ -284,6 +309,12 @@ pub async fn forward(
             _ => client,
         };
         let outcome = tokio::time::timeout_at(try_deadline, client.request(upstream_req)).await;
+        // The attempt's span ends with its response headers (or its failure).
+        telemetry::record_attempt(&span, &outcome);
+        drop(span);
+        if let Some(log) = down.log.as_deref_mut() {
+            log.upstream_duration = Some(sent.elapsed());
+        }
         let (failure, error) = match outcome {
             Ok(Ok(mut resp)) => {
                 let status = resp.status().as_u16();
@@ -295,6 +326,8 @@ pub async fn forward(
                 }
                 if policy.on.statuses.contains(&status) && safe_to_resend && more_attempts {
                     let pause = policy.backoff(attempt);
+                    // This request's previous slot is given back before asking for the next.
+                    _retry_slot = None;
                     if Instant::now() + pause < deadline {
                         if let Some(slot) = route.budget.try_retry(policy.budget_percent) {
                             // The answer is dropped unread; its connection is not reused.
@@ -382,16 +415,18 @@ pub async fn forward(
             }
             return Err(error);
         }
+        let pause = policy.backoff(attempt);
+        if Instant::now() + pause >= deadline {
+            return Err(error);
+        }
+        // This request's previous slot is given back before asking for the next.
+        _retry_slot = None;
         let Some(slot) = route.budget.try_retry(policy.budget_percent) else {
             tracing::debug!(route = %route.name, "retry budget exhausted");
             return Err(error);
         };
         _retry_slot = Some(slot);
         route.metrics.retries.fetch_add(1, Ordering::Relaxed);
-        let pause = policy.backoff(attempt);
-        if Instant::now() + pause >= deadline {
-            return Err(error);
-        }
         tracing::debug!(route = %route.name, upstream.addr = %ep.authority, attempt, backoff = ?pause, "retrying on another endpoint");
         drop(lease);
         avoid = Some(ep);
