@@ -17,8 +17,8 @@ use std::time::Duration;
 
 pub use client::{CatalogAnswer, ConsulClient, HealthAnswer, StateAnswer};
 pub use decode::{
-    aggregate_status, has_all_tags, to_discovered, Check, Node, Service, ServiceEntry, Weights,
-    MAX_WEIGHT,
+    aggregate_status, excluded_instances, has_all_tags, to_discovered, Check, ExcludedInstance,
+    Node, Service, ServiceEntry, Weights, MAX_WEIGHT,
 };
 pub use feed::{watch_many, ServiceWatch};
 pub use settings::{
@@ -100,15 +100,6 @@ pub enum ConsulError {
         #[source]
         source: std::io::Error,
     },
-    /// A PEM file could not be parsed.
-    #[error("parsing PEM file {}", path.display())]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// The PEM error.
-        #[source]
-        source: rustls::pki_types::pem::Error,
-    },
     /// A file was readable but holds nothing usable (no certificate, empty token, ...).
     #[error("{}: {reason}", path.display())]
     InvalidFile {
@@ -124,12 +115,12 @@ pub enum ConsulError {
         #[source]
         source: http::header::InvalidHeaderValue,
     },
-    /// rustls refused the TLS material (bad certificate, key not matching, ...).
+    /// The TLS settings for Consul are unusable (unreadable or invalid CA, certificate or key).
     #[error("building the TLS configuration for Consul")]
     Tls {
-        /// The rustls error.
+        /// What was wrong, with the file's path.
         #[source]
-        source: rustls::Error,
+        source: crate::tls::TlsError,
     },
     /// The HTTP client could not be built.
     #[error("building the Consul HTTP client")]
@@ -169,7 +160,6 @@ impl ConsulError {
     pub fn is_config(&self) -> bool {
         match self {
             Self::File { .. }
-            | Self::Pem { .. }
             | Self::InvalidFile { .. }
             | Self::InvalidToken { .. }
             | Self::Tls { .. }

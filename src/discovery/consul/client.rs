@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use http::StatusCode;
 use reqwest::Url;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::RootCertStore;
 
 use super::decode::{decode_catalog, Check, ServiceEntry};
 use super::{ConsulError, ConsulSettings, TokenSource, WarningMode};
@@ -440,126 +435,28 @@ fn token_header(token: &TokenSource) -> Result<HeaderValue, ConsulError> {
 // === TLS ===
 
 fn tls_config(settings: &ConsulSettings) -> Result<rustls::ClientConfig, ConsulError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| ConsulError::Tls { source })?;
-    let tls = &settings.tls;
     if !settings.is_tls() {
         // Nothing to verify over plain http; empty roots make any stray https fail closed.
-        return Ok(builder
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        return Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConsulError::Tls { source: e.into() })?
             .with_root_certificates(RootCertStore::empty())
             .with_no_client_auth());
     }
-    let builder = if tls.insecure_skip_verify {
+    let tls = &settings.tls;
+    if tls.insecure_skip_verify {
         tracing::warn!(
             consul.address = %settings.address,
             "TLS certificate verification for Consul is disabled (insecure_skip_verify)"
         );
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert {
-                algorithms: provider.signature_verification_algorithms,
-            }))
-    } else if let Some(ca_file) = &tls.ca_file {
-        let mut roots = RootCertStore::empty();
-        for cert in read_certs(ca_file)? {
-            roots
-                .add(cert)
-                .map_err(|source| ConsulError::Tls { source })?;
-        }
-        builder.with_root_certificates(roots)
-    } else {
-        let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
-            .map_err(|source| ConsulError::Tls { source })?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
+    }
+    // Same TLS building as for upstreams: one place knows rustls.
+    let upstream = crate::tls::UpstreamTls {
+        ca_file: tls.ca_file.clone(),
+        client_cert: tls.client_cert.clone(),
+        server_name: None,
+        insecure_skip_verify: tls.insecure_skip_verify,
     };
-    match &tls.client_cert {
-        Some((cert_file, key_file)) => builder
-            .with_client_auth_cert(read_certs(cert_file)?, read_key(key_file)?)
-            .map_err(|source| ConsulError::Tls { source }),
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, ConsulError> {
-    std::fs::read(path).map_err(|source| ConsulError::File {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConsulError> {
-    let pem = read_file(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| ConsulError::Pem {
-            path: path.to_owned(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(ConsulError::InvalidFile {
-            path: path.to_owned(),
-            reason: "no PEM certificate found",
-        });
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, ConsulError> {
-    let pem = read_file(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => ConsulError::InvalidFile {
-            path: path.to_owned(),
-            reason: "no PEM private key found",
-        },
-        source => ConsulError::Pem {
-            path: path.to_owned(),
-            source,
-        },
-    })
-}
-
-/// `insecure_skip_verify`: accepts any certificate chain and name, but still checks that
-/// the handshake signatures are valid for the presented certificate.
-#[derive(Debug)]
-struct AcceptAnyServerCert {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AcceptAnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    crate::tls::client_config(&upstream).map_err(|source| ConsulError::Tls { source })
 }

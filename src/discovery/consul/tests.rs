@@ -839,10 +839,10 @@ fn client_build_reports_file_errors_with_path() {
     .resolve(&no_env)
     .unwrap();
     match ConsulClient::new(&settings) {
-        Err(ConsulError::File { path, .. }) => {
-            assert_eq!(path, std::path::Path::new("/nonexistent/ca.pem"))
-        }
-        other => panic!("expected File error, got {other:?}"),
+        Err(ConsulError::Tls {
+            source: crate::tls::TlsError::Read { path, .. },
+        }) => assert_eq!(path, std::path::Path::new("/nonexistent/ca.pem")),
+        other => panic!("expected a read error naming the file, got {other:?}"),
     }
 
     let dir = std::env::temp_dir().join(format!("meshgate-consul-test-{}", std::process::id()));
@@ -857,7 +857,10 @@ fn client_build_reports_file_errors_with_path() {
         ..settings
     };
     let err = ConsulClient::new(&settings).unwrap_err();
-    assert!(matches!(err, ConsulError::InvalidFile { .. }), "{err:?}");
+    assert!(
+        matches!(&err, ConsulError::Tls { source: crate::tls::TlsError::Pem { path, .. } } if path == &not_pem),
+        "{err:?}"
+    );
     assert!(err.is_config());
 
     let empty_token = dir.join("token");
