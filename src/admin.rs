@@ -1,6 +1,6 @@
-//! Admin endpoints: `/live`, `/ready`, `/health` (the seed's per-endpoint monitoring numbers)
-//! and `/status` (routes, services, endpoints). Served on the admin listener and, unless turned
-//! off, `/health` and `/status` on the main listener too.
+//! Admin endpoints: `/live`, `/ready`, `/health`, `/status` (routes, services, endpoints),
+//! `/metrics`, `/config` (redacted) and `/explain` (why a request goes where it goes). Served on
+//! the admin listener; `/health` and `/status` also on the main listener unless turned off.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -106,6 +106,8 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
             resp
         }
         (&Method::GET, "/health") => json_response(StatusCode::OK, &health(state)),
+        (&Method::GET, "/config") => json_response(StatusCode::OK, &config_view(state)),
+        (&Method::GET, "/explain") => explain(state, req.uri().query()),
         (&Method::GET, "/metrics") => {
             let text = state
                 .registry
@@ -154,9 +156,258 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
         }
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "Not Found", "message": "admin endpoints: /live /ready /health /status"}),
+            &json!({"error": "Not Found", "message": "admin endpoints: /live /ready /health /status /metrics /config /explain?url=PATH /dashboard, POST /reload"}),
         ),
     }
+}
+
+// === /config ===
+
+/// What replaces a secret in `/config`.
+const REDACTED: &str = "<redacted>";
+
+/// The `/config` document: the file as loaded (merged with `MESHGATE_*`), with secrets
+/// redacted, plus settings resolved from the environment (trace export, the Consul address).
+pub fn config_view(state: &ProxyState) -> Value {
+    let Some(config) = state.config.load_full() else {
+        return json!({"config": null});
+    };
+    let mut file = serde_json::to_value(&*config.source).unwrap_or(Value::Null);
+    redact(&mut file);
+    let consul = config.discovery.consul.as_ref().map(|c| {
+        json!({
+            "address": c.address.as_str(),
+            "token": c.token.as_ref().map(|_| REDACTED),
+            "datacenter": c.datacenter,
+            "warning": format!("{:?}", c.warning).to_ascii_lowercase(),
+        })
+    });
+    json!({
+        "config": file,
+        "resolved": {
+            "tracing": serde_json::to_value(&config.tracing).unwrap_or(Value::Null),
+            "consul": consul,
+            "admin_token": config.admin.token.as_ref().map(|_| REDACTED),
+        },
+    })
+}
+
+/// Replaces the values of keys that name secrets (tokens, passwords, API keys, cookies,
+/// authorization headers) anywhere in the document. Paths to files (`*_file`) stay.
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if is_secret_key(k) && !v.is_null() {
+                    *v = Value::String(REDACTED.to_owned());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase().replace('-', "_");
+    if k.ends_with("_file") {
+        return false;
+    }
+    [
+        "token",
+        "password",
+        "secret",
+        "api_key",
+        "apikey",
+        "authorization",
+        "cookie",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+// === /explain ===
+
+/// `GET /explain?url=PATH&method=GET`: the route the request would take (after
+/// dot-normalisation), the endpoints that could serve it, and why each other one cannot.
+fn explain(state: &ProxyState, query: Option<&str>) -> Response<ResponseBody> {
+    let bad = |message: String| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "Bad Request", "message": message}),
+        )
+    };
+    let params: Vec<(String, String)> = query
+        .and_then(|q| reqwest::Url::parse(&format!("http://admin/?{q}")).ok())
+        .map(|u| u.query_pairs().into_owned().collect())
+        .unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let Some(url) = param("url") else {
+        return bad("explain needs ?url=/some/path (a path or a full URL, percent-encoded) and optionally &method=GET".into());
+    };
+    let method = param("method").unwrap_or("GET").to_ascii_uppercase();
+    if Method::from_bytes(method.as_bytes()).is_err() {
+        return bad(format!("invalid method {method:?}"));
+    }
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => return bad(format!("invalid url {url:?}: {e}")),
+    };
+    let raw_path = match uri.path() {
+        "" => "/",
+        p => p,
+    };
+    let normalised = crate::routes::remove_dot_segments(raw_path);
+    let path = normalised.as_deref().unwrap_or(raw_path);
+    let request = json!({
+        "method": method,
+        "url": url,
+        "path": raw_path,
+        "normalised_path": path,
+        "query": uri.query(),
+    });
+    let table = state.table.load();
+    let Some(route) = table.find(path).cloned() else {
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "request": request,
+                "route": null,
+                "outcome": format!("no route matches {path}: the answer is 404"),
+            }),
+        );
+    };
+    drop(table);
+    let snap = route.pool.snapshot();
+    let settings = snap.settings();
+    let panic = route.picker.in_panic(&snap);
+    let mut candidates = Vec::new();
+    let mut excluded = Vec::new();
+    for ep in snap.list() {
+        let s = &ep.state;
+        let warning = ep.source.status == crate::discovery::InstanceStatus::Warning;
+        let mut reasons = Vec::new();
+        if ep.weight() == 0 {
+            reasons.push(if warning {
+                "weight 0: Consul health check warning, and the service's warning weight is 0"
+                    .to_owned()
+            } else {
+                "weight 0".to_owned()
+            });
+        }
+        if !s.is_healthy() {
+            reasons.push("failed active health checks".to_owned());
+        }
+        if s.is_ejected() {
+            let left = s.ejected_for().map_or(0.0, |d| d.as_secs_f64());
+            reasons.push(format!(
+                "ejected after consecutive failures ({left:.1}s left, ejection #{})",
+                s.ejections()
+            ));
+        }
+        let base = json!({
+            "address": ep.authority.as_str(),
+            "id": &*ep.source.id,
+            "status": ep.source.status.as_str(),
+            "weight": ep.weight(),
+            "healthy": s.is_healthy(),
+            "ejected": s.is_ejected(),
+            "in_flight": s.in_flight(),
+        });
+        // Panic mode sends traffic to every endpoint with a weight, available or not.
+        let eligible = reasons.is_empty() || (panic && ep.weight() > 0);
+        if eligible {
+            let share = s.ramp(settings.slow_start);
+            let mut notes = Vec::new();
+            if warning {
+                notes.push(
+                    "Consul health check warning: the weight is the service's warning weight"
+                        .to_owned(),
+                );
+            }
+            if share < 1.0 {
+                notes.push(format!(
+                    "slow start: {:.0}% of its weight for now",
+                    share * 100.0
+                ));
+            }
+            if !reasons.is_empty() {
+                notes.push(format!(
+                    "panic mode: takes traffic although {}",
+                    reasons.join(", ")
+                ));
+            }
+            let mut c = base;
+            c["share"] = json!((share * 1000.0).round() / 1000.0);
+            c["effective_weight"] =
+                json!((f64::from(ep.weight()) * share * 1000.0).round() / 1000.0);
+            c["notes"] = json!(notes);
+            candidates.push(c);
+        } else {
+            let mut x = base;
+            x["reasons"] = json!(reasons);
+            excluded.push(x);
+        }
+    }
+    let not_in_pool: Vec<Value> = state
+        .services
+        .load()
+        .get(route.pool.name())
+        .and_then(|e| e.sync.as_ref())
+        .map(|sync| {
+            sync.excluded()
+                .iter()
+                .map(|x| serde_json::to_value(x).unwrap_or(Value::Null))
+                .collect()
+        })
+        .unwrap_or_default();
+    let upstream_path = crate::routes::rewrite_path(path, &route.rewrite);
+    let outcome = if candidates.is_empty() {
+        format!(
+            "no endpoint of service {} can take it: the answer is 503",
+            route.pool.name()
+        )
+    } else {
+        format!(
+            "forwarded to one of {} endpoint(s) of service {} ({})",
+            candidates.len(),
+            route.pool.name(),
+            route.picker.policy().name()
+        )
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "request": request,
+            "route": {
+                "name": &*route.name,
+                "path": route.path,
+                "service": &**route.pool.name(),
+                "load_balancer": route.picker.policy().name(),
+                "upstream_path": upstream_path,
+                "timeout_ms": route.timeout.as_millis() as u64,
+                "retry_attempts": route.retry.attempts,
+            },
+            "pool": {
+                "endpoints": snap.len(),
+                "available": snap.available(),
+                "panic_threshold": route.picker.panic_threshold(),
+                "panic_mode": panic,
+                "slow_start_ms": settings.slow_start.as_millis() as u64,
+            },
+            "outcome": outcome,
+            "candidates": candidates,
+            "excluded": excluded,
+            "not_in_pool": not_in_pool,
+        }),
+    )
 }
 
 fn rate(part: u64, total: u64) -> f64 {

@@ -105,6 +105,13 @@ impl EndpointState {
         false
     }
 
+    /// How much longer the current ejection lasts; `None` when not ejected.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let now = crate::clock::now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
     /// Ends an ejection early (a passing active probe); returns whether one was in force.
     pub fn end_ejection(&self) -> bool {
         if self.ejected_until_ms.swap(0, Ordering::Relaxed) != 0 {

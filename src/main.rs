@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshgate::config::{Config, ConfigError, Env};
+use meshgate::telemetry::RequestTelemetry;
 use meshgate::{Gateway, Listeners};
 use tokio_util::sync::CancellationToken;
 
@@ -72,16 +73,56 @@ fn main() -> ExitCode {
     if let Some(listen) = demo_listen {
         config.listen = listen;
     }
-    meshgate::telemetry::init(&config.log, env.get("RUST_LOG"));
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(n) = config.workers {
-        runtime.worker_threads(n);
+    let trace_pipeline = match meshgate::telemetry::Tracing::build(&config.tracing) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshgate: {}", meshgate::proxy::Chain(&e));
+            return match e {
+                meshgate::telemetry::TracingError::Exporter(_) => {
+                    ExitCode::from(EXIT_INVALID_CONFIG)
+                }
+                meshgate::telemetry::TracingError::Thread(_) => ExitCode::FAILURE,
+            };
+        }
+    };
+    meshgate::telemetry::init(&config.log, env.get("RUST_LOG"), trace_pipeline.as_ref());
+    if trace_pipeline.is_some() {
+        let t = &config.tracing;
+        tracing::info!(
+            endpoint = %t.endpoint,
+            protocol = ?t.protocol,
+            sampler = t.sampler.name(),
+            service = %t.service_name,
+            "exporting traces over OTLP"
+        );
     }
+    let telemetry = RequestTelemetry::from_config(&config.log, trace_pipeline.as_ref());
+    // One worker means one thread doing everything: a current-thread runtime does that without
+    // the work-stealing machinery (cross-thread wake-ups, atomics on every schedule).
+    let mut runtime = match config.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all();
     let result = runtime
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(config, demo_listen.is_some(), cli.config.clone(), env)));
+        .and_then(|rt| {
+            rt.block_on(run(
+                config,
+                demo_listen.is_some(),
+                cli.config.clone(),
+                env,
+                telemetry,
+            ))
+        });
+    // After the gateway stopped: the last requests' spans go out (bounded wait).
+    drop(trace_pipeline);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -104,6 +145,7 @@ async fn run(
     demo: bool,
     path: Option<PathBuf>,
     env: Env,
+    telemetry: RequestTelemetry,
 ) -> anyhow::Result<()> {
     let mocks = CancellationToken::new();
     if demo {
@@ -121,7 +163,7 @@ async fn run(
         }
         println!("\nPress Ctrl-C to stop (twice to stop at once).\n");
     }
-    let mut gateway = Gateway::build(config)?;
+    let mut gateway = Gateway::build_with_telemetry(config, telemetry)?;
     if let (Some(path), false) = (path, demo) {
         gateway = gateway.with_reload(path, env, true);
         let state = gateway.state().clone();

@@ -303,6 +303,25 @@ impl Collector for GatewayCollector {
             "Downstream connections open now.",
             &[(vec![], g.connections_open.load(Ordering::Relaxed) as f64)],
         )?;
+        let t = &state.telemetry;
+        counter(
+            &mut enc,
+            "meshgate_trace_spans_dropped",
+            "Sampled spans never delivered: export queue full, or the export failed or timed out.",
+            &[(vec![], t.spans_dropped())],
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_trace_spans_exported",
+            "Spans the OTLP collector accepted.",
+            &[(vec![], t.spans_exported())],
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_access_log_dropped",
+            "Access log lines dropped because the writer fell behind.",
+            &[(vec![], t.access_lines_dropped())],
+        )?;
 
         let mut ep_requests = Vec::new();
         let mut ep_failures = Vec::new();

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use crate::admin::AdminState;
 use crate::discovery::registry::ServiceEntry;
 use crate::routes::{remove_dot_segments, Route, RouteTable};
+use crate::telemetry::{self, BodyTap, RequestLog};
 pub use body::{RequestBody, ResponseBody};
 pub use cors::CorsConfig;
 pub use error::ProxyError;
@@ -58,6 +59,10 @@ pub struct ProxyState {
     pub upgrades: upgrade::Upgrades,
     /// What `/metrics` encodes (set once at build).
     pub registry: std::sync::OnceLock<prometheus_client::registry::Registry>,
+    /// Request spans and the access log (fixed at build).
+    pub telemetry: crate::telemetry::RequestTelemetry,
+    /// The configuration in force, for the admin `/config` view; published by the registry.
+    pub config: ArcSwapOption<crate::config::Config>,
 }
 
 /// Handles one downstream request. Never fails: every error becomes a response.
@@ -84,11 +89,20 @@ pub async fn handle(
 
 async fn handle_inner(
     state: &ProxyState,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     client: SocketAddr,
     proto: &'static str,
 ) -> Response<ResponseBody> {
+    let started = tokio::time::Instant::now();
     let request_id = headers::request_id(req.headers());
+    let obs = &state.telemetry;
+    let (span, traceparent) = obs.server_span(&req, client);
+    if let Some(tp) = traceparent {
+        req.headers_mut().insert(telemetry::TRACEPARENT.clone(), tp);
+    }
+    let mut log = obs
+        .access_log()
+        .map(|_| RequestLog::start(&req, client, started, &request_id));
     let cors = state.cors.load();
     let origin = match &*cors {
         Some(_) => req.headers().get(ORIGIN).cloned(),
@@ -102,7 +116,8 @@ async fn handle_inner(
             resp
         }
         _ => {
-            let mut resp = route_request(state, req, client, proto, &request_id).await;
+            let mut resp =
+                route_request(state, req, client, proto, &request_id, &span, log.as_mut()).await;
             if let Some(cors) = &*cors {
                 cors.decorate(origin.as_ref(), resp.headers_mut());
             }
@@ -111,7 +126,11 @@ async fn handle_inner(
     };
     resp.headers_mut()
         .insert(headers::X_REQUEST_ID.clone(), request_id);
-    resp
+    telemetry::record_status(&span, resp.status());
+    match BodyTap::new(obs, span, log, resp.status()) {
+        Some(tap) => resp.map(|b| b.with_tap(tap)),
+        None => resp,
+    }
 }
 
 async fn route_request(
@@ -120,6 +139,8 @@ async fn route_request(
     client: SocketAddr,
     proto: &'static str,
     request_id: &HeaderValue,
+    span: &tracing::Span,
+    mut log: Option<&mut RequestLog>,
 ) -> Response<ResponseBody> {
     let raw_path = req.uri().path();
     if state.expose_admin
@@ -139,6 +160,11 @@ async fn route_request(
         return error_response(&ProxyError::NoRoute { path }, None, request_id);
     };
     drop(table);
+    telemetry::record_route(span, req.method(), &route.path, &route.name);
+    if let Some(log) = log.as_deref_mut() {
+        log.route = Some(route.name.clone());
+        log.service = Some(route.pool.name().clone());
+    }
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
     let upgrade = (route.websocket && headers::is_upgrade(req.headers(), req.version()))
@@ -149,6 +175,8 @@ async fn route_request(
         request_id,
         upgrade,
         upgrades: &state.upgrades,
+        span,
+        log,
     };
     match forward::forward(&state.client, &route, req, &path, down).await {
         Ok(mut resp) => {
@@ -167,7 +195,10 @@ async fn route_request(
         }
         Err(e) => {
             route.record(true);
+            // Inside the request's span, so a traced request carries its failure as an event.
+            let entered = span.enter();
             log_error(&e, &route);
+            drop(entered);
             let resp = error_response(&e, Some(&route), request_id);
             route
                 .metrics

@@ -187,6 +187,12 @@ impl Registry {
             if format!("{:?}", old.upstream) != format!("{:?}", config.upstream) {
                 restart.push("upstream".to_owned());
             }
+            if old.tracing != config.tracing {
+                restart.push("tracing".to_owned());
+            }
+            if old.log.access != config.log.access {
+                restart.push("log.access".to_owned());
+            }
             let mut keep = config;
             // What cannot change live stays as it was, so /status tells the truth.
             keep.listen = inner.config.listen;
@@ -195,6 +201,21 @@ impl Registry {
             keep.discovery.provider = inner.config.discovery.provider;
             keep.discovery.consul = inner.config.discovery.consul.clone();
             keep.upstream = inner.config.upstream.clone();
+            keep.tracing = inner.config.tracing.clone();
+            keep.log.access = inner.config.log.access;
+            // The `/config` view shows the same: the file as loaded, with the kept settings.
+            let (old_src, mut src) = (&inner.config.source, (*keep.source).clone());
+            src.listen.clone_from(&old_src.listen);
+            src.admin.listen.clone_from(&old_src.admin.listen);
+            src.workers = old_src.workers;
+            src.discovery
+                .provider
+                .clone_from(&old_src.discovery.provider);
+            src.discovery.consul = old_src.discovery.consul.clone();
+            src.upstream = old_src.upstream.clone();
+            src.tracing = old_src.tracing.clone();
+            src.log.access.clone_from(&old_src.log.access);
+            keep.source = Arc::new(src);
             inner.config = keep;
         }
         {
@@ -403,6 +424,9 @@ impl Registry {
         self.state.table.store(Arc::new(table));
         self.state.services.store(Arc::new(services));
         self.state.notes.store(Arc::new(notes));
+        self.state
+            .config
+            .store(Some(Arc::new(inner.config.clone())));
     }
 
     /// Gives a route its own upstream clients when it needs TLS settings or h2c.

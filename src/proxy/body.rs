@@ -5,6 +5,8 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -14,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 use crate::balancer::Lease;
+use crate::telemetry::BodyTap;
 
 /// Why a request body stopped.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     limit: Option<u64>,
     seen: u64,
+    /// Counts bytes streamed from the client, for the access log (set only when it is on).
+    tally: Option<Arc<AtomicU64>>,
 }
 
 impl RequestBody {
@@ -47,6 +52,7 @@ impl RequestBody {
             inner: Some(inner),
             limit,
             seen: 0,
+            tally: None,
         }
     }
 
@@ -92,10 +98,18 @@ impl RequestBody {
                     inner: Some(inner),
                     limit,
                     seen: total,
+                    tally: None,
                 }));
             }
         }
         Ok(Ok(chunks))
+    }
+
+    /// Adds the body's bytes to `tally`: those already read now, the rest as they stream.
+    pub fn count_into(&mut self, tally: Arc<AtomicU64>) {
+        let buffered: u64 = self.buffered.iter().map(|b| b.len() as u64).sum();
+        tally.fetch_add(buffered, Ordering::Relaxed);
+        self.tally = Some(tally);
     }
 }
 
@@ -116,6 +130,9 @@ impl Body for RequestBody {
         };
         match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
+                if let (Some(tally), Some(data)) = (&this.tally, frame.data_ref()) {
+                    tally.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 if let (Some(limit), Some(data)) = (this.limit, frame.data_ref()) {
                     this.seen += data.len() as u64;
                     if this.seen > limit {
@@ -154,10 +171,15 @@ impl Body for RequestBody {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What the client receives: an upstream body streamed through, or a body the gateway made.
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: Kind,
+    /// Bytes-out counting and end-of-response telemetry (access log, server span); only set
+    /// when one of them is on.
+    tap: Option<Box<BodyTap>>,
 }
 
 #[derive(Debug)]
@@ -189,6 +211,7 @@ impl ResponseBody {
                 hold: Some((lease, permit)),
                 deadline: stream_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
             },
+            tap: None,
         }
     }
 
@@ -197,6 +220,7 @@ impl ResponseBody {
         let bytes = bytes.into();
         Self {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            tap: None,
         }
     }
 
@@ -204,6 +228,23 @@ impl ResponseBody {
     pub fn empty() -> Self {
         Self {
             kind: Kind::Full(None),
+            tap: None,
+        }
+    }
+
+    /// Attaches end-of-response telemetry: it counts the bytes sent and finishes when the body
+    /// ends or is dropped.
+    pub fn with_tap(mut self, tap: BodyTap) -> Self {
+        self.tap = Some(Box::new(tap));
+        self
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(tap) = self.tap.take() {
+            let complete = self.is_end_stream();
+            tap.finish(complete);
         }
     }
 }
@@ -216,6 +257,33 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = this.poll_inner(cx);
+        if let (Some(tap), Poll::Ready(Some(Ok(f)))) = (&mut this.tap, &frame) {
+            if let Some(data) = f.data_ref() {
+                tap.sent(data.len());
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream {
@@ -241,20 +309,6 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(b) => b.is_none(),
-            Kind::Upstream { body, .. } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { body, .. } => body.size_hint(),
         }
     }
 }

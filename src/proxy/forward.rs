@@ -126,8 +126,9 @@ pub struct Downstream<'a> {
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// Where upgraded connections are tracked.
     pub upgrades: &'a super::upgrade::Upgrades,
-    /// Tracing is on: a client span per attempt, its `traceparent` sent upstream.
-    pub trace: bool,
+    /// The request's server span (disabled when the request is not traced): each attempt gets
+    /// a client span under it, whose `traceparent` goes upstream.
+    pub span: &'a tracing::Span,
     /// Facts for the access log line, when the access log is on.
     pub log: Option<&'a mut RequestLog>,
 }
@@ -258,12 +259,7 @@ pub async fn forward(
                 service: route.pool.name().clone(),
             })?;
         let ep = lease.endpoint().clone();
-        let span = match down.trace {
-            true => {
-                telemetry::client_span(&parts.method, &ep, route.pool.scheme().as_str(), attempt)
-            }
-            false => tracing::Span::none(),
-        };
+        let span = telemetry::client_span(down.span, &parts.method, &ep, attempt);
         if let Some(log) = down.log.as_deref_mut() {
             log.attempts = attempt;
             log.upstream = Some(ep.authority.clone());

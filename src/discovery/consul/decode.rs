@@ -228,6 +228,61 @@ pub fn to_discovered(
     out
 }
 
+/// An instance of a Consul answer that is not in the pool, and why (for `/explain`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExcludedInstance {
+    /// `"<Node.Node>/<Service.ID>"`.
+    pub id: String,
+    /// `address:port` as Consul reported it (may be incomplete: that can be the reason).
+    pub address: String,
+    /// Aggregated health.
+    pub status: InstanceStatus,
+    /// Why [`to_discovered`] left it out.
+    pub reason: &'static str,
+}
+
+/// The instances of an answer that [`to_discovered`] leaves out, with the reason for each.
+pub fn excluded_instances(
+    entries: &[ServiceEntry],
+    warning: &WarningMode,
+    required_tags: &[String],
+) -> Vec<ExcludedInstance> {
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let svc = &entry.service;
+            let status = aggregate_status(&entry.checks);
+            let host = if svc.address.is_empty() {
+                entry.node.address.as_str()
+            } else {
+                svc.address.as_str()
+            };
+            let reason = if !has_all_tags(&svc.tags, required_tags) {
+                "lacks a required tag (discovery.consul.tags)"
+            } else {
+                match (status, warning) {
+                    (InstanceStatus::Critical, _) => "Consul health check critical",
+                    (InstanceStatus::Maintenance, _) => "in Consul maintenance mode",
+                    (InstanceStatus::Warning, WarningMode::Exclude) => {
+                        "Consul health check warning (warning = \"exclude\")"
+                    }
+                    _ if u16::try_from(svc.port).ok().filter(|p| *p != 0).is_none() => {
+                        "no usable port"
+                    }
+                    _ if host.is_empty() => "no address",
+                    _ => return None,
+                }
+            };
+            Some(ExcludedInstance {
+                id: format!("{}/{}", entry.node.node, svc.id),
+                address: format!("{host}:{}", svc.port),
+                status,
+                reason,
+            })
+        })
+        .collect()
+}
+
 fn discover_one(
     entry: &ServiceEntry,
     warning: WarningMode,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::client::QueryMeta;
-use super::decode::{to_discovered, Check};
+use super::decode::{excluded_instances, to_discovered, Check};
 use super::watch::{
     blocking_loop, watch_service, Backoff, Recorder, ServiceSync, TokenBucket, QUERY_BURST,
     QUERY_REFILL,
@@ -398,6 +398,8 @@ async fn refresh(
                 w.nodes = answer.entries.iter().map(|e| e.node.node.clone()).collect();
                 let set = to_discovered(&answer.entries, &warning, &tags);
                 w.sync.set_instances(set.len());
+                w.sync
+                    .set_excluded(excluded_instances(&answer.entries, &warning, &tags));
                 if w.last.as_ref() != Some(&set) {
                     tracing::info!(
                         service = %w.name,

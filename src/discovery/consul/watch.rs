@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::client::{Answer, QueryMeta};
-use super::decode::{has_all_tags, to_discovered};
+use super::decode::{excluded_instances, has_all_tags, to_discovered, ExcludedInstance};
 use super::{error_chain, ConsulClient, ConsulError};
 use crate::discovery::Discovered;
 
@@ -186,6 +186,8 @@ pub struct ServiceSync {
     errors_total: AtomicU64,
     instances: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Instances of the last answer left out of the pool, with the reason (for `/explain`).
+    excluded: arc_swap::ArcSwap<Vec<ExcludedInstance>>,
 }
 
 impl Default for ServiceSync {
@@ -234,6 +236,7 @@ impl ServiceSync {
             errors_total: AtomicU64::new(0),
             instances: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            excluded: Default::default(),
         }
     }
 
@@ -261,6 +264,18 @@ impl ServiceSync {
             0 => None,
             n => Some(self.origin + Duration::from_nanos(n - 1)),
         }
+    }
+
+    /// Instances of the last answer that are not in the pool, and why.
+    pub fn excluded(&self) -> Arc<Vec<ExcludedInstance>> {
+        self.excluded.load_full()
+    }
+
+    pub(super) fn set_excluded(&self, excluded: Vec<ExcludedInstance>) {
+        if excluded.is_empty() && self.excluded.load().is_empty() {
+            return;
+        }
+        self.excluded.store(Arc::new(excluded));
     }
 
     /// Failed queries since the last success.
@@ -529,6 +544,7 @@ pub async fn watch_service(
     let on_answer = |answer: super::HealthAnswer, _fresh: bool| {
         let set = to_discovered(&answer.entries, &warning, &tags);
         sync.set_instances(set.len());
+        sync.set_excluded(excluded_instances(&answer.entries, &warning, &tags));
         if last.as_ref() != Some(&set) {
             tracing::info!(
                 service = %service,
