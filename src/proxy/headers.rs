@@ -52,6 +52,19 @@ impl HeaderOps {
 
 /// Removes hop-by-hop headers: the fixed set plus every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names, no hashing, and done.
+    let hop = |k: &HeaderName| {
+        k == header::CONNECTION
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::TRANSFER_ENCODING
+            || k == header::UPGRADE
+            || k == KEEP_ALIVE
+            || k == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     // Tokens listed in Connection are hop-by-hop too; collect before removing Connection itself.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
