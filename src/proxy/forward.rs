@@ -411,22 +411,33 @@ pub async fn forward(
             }
             return Err(error);
         }
-        let pause = policy.backoff(attempt);
+        // A refused connection put no load on anyone: go to the next endpoint at once. Backoff
+        // is for upstreams that did receive the request and struggle with it.
+        let pause = match failure {
+            Failure::Connect => std::time::Duration::ZERO,
+            Failure::Reset | Failure::Timeout => policy.backoff(attempt),
+        };
         if Instant::now() + pause >= deadline {
             return Err(error);
         }
         // This request's previous slot is given back before asking for the next.
         _retry_slot = None;
-        let Some(slot) = route.budget.try_retry(policy.budget_percent) else {
-            tracing::debug!(route = %route.name, "retry budget exhausted");
-            return Err(error);
-        };
-        _retry_slot = Some(slot);
+        // The budget limits amplification: extra work for upstreams. A refused connection did
+        // no work anywhere, so moving it to another endpoint amplifies nothing and is not charged.
+        if !matches!(failure, Failure::Connect) {
+            let Some(slot) = route.budget.try_retry(policy.budget_percent) else {
+                tracing::debug!(route = %route.name, "retry budget exhausted");
+                return Err(error);
+            };
+            _retry_slot = Some(slot);
+        }
         route.metrics.retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(route = %route.name, upstream.addr = %ep.authority, attempt, backoff = ?pause, "retrying on another endpoint");
         drop(lease);
         avoid = Some(ep);
-        tokio::time::sleep(pause).await;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 

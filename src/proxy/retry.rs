@@ -63,8 +63,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Retries always allowed at once, however few requests are in flight (Envoy's minimum).
-const MIN_RETRY_CONCURRENCY: usize = 3;
+/// Retries always allowed at once, however few requests are in flight. Envoy uses 3; a burst
+/// of resets when one upstream dies (every request in flight on it at once) needs more.
+const MIN_RETRY_CONCURRENCY: usize = 10;
 
 impl RetryPolicy {
     /// Jittered exponential backoff before retry number `retry` (1-based): half fixed, half random.
@@ -162,7 +163,7 @@ mod tests {
         drop(retries);
         drop(active);
         let _one = b.enter();
-        let few: Vec<_> = (0..10).filter_map(|_| b.try_retry(20.0)).collect();
+        let few: Vec<_> = (0..20).filter_map(|_| b.try_retry(20.0)).collect();
         assert_eq!(few.len(), MIN_RETRY_CONCURRENCY);
     }
 
