@@ -120,20 +120,7 @@ async fn instances_come_and_go_with_consul() {
         .all(|r| r.index() != Some(0) && r.wait() == Some(Duration::from_secs(2))));
 
     // /status shows the Consul sync state.
-    let s: serde_json::Value = client()
-        .get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let web = s["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap();
+    let web = service_status(&gw, "web").await;
     assert_eq!(web["source"], "consul");
     assert_eq!(web["discovery"]["synced_once"], true);
     assert!(web["discovery"]["staleness_seconds"].as_f64().unwrap() < 5.0);
@@ -246,20 +233,7 @@ async fn consul_down_for_10s_under_load_fails_no_request() {
     assert_eq!(pool.revision(), revision, "the pool did not change");
     assert_eq!(pool.snapshot().len(), 2);
     // /status says the service is stale and why.
-    let s: serde_json::Value = c
-        .get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let web = s["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap();
+    let web = service_status(&gw, "web").await;
     assert!(
         web["discovery"]["consecutive_errors"].as_u64().unwrap() >= 1,
         "{web}"
