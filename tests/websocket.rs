@@ -217,3 +217,42 @@ async fn a_thousand_connections_held_open() {
         .await
     );
 }
+
+#[tokio::test]
+async fn shutdown_closes_open_websockets_with_1001_after_the_grace_period() {
+    let echo = WsEcho::start().await;
+    let mut gw = start(&format!(
+        r#"
+        [server]
+        drain_delay = "0s"
+        grace_period = "300ms"
+        [[routes]]
+        name = "ws"
+        path = "/ws"
+        targets = ["ws://{}"]
+        "#,
+        echo.addr
+    ))
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr))
+        .await
+        .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+    let signalled = tokio::time::Instant::now();
+    gw.signal_stop();
+    // Within the grace period the connection still works.
+    ws.send(Message::text("during")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("during"));
+    // Then the gateway says goodbye with 1001 at a frame boundary.
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Away),
+        other => panic!("expected a 1001 close frame, got {other:?}"),
+    }
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        signalled.elapsed()
+    );
+    gw.join(Duration::from_secs(5)).await.unwrap();
+}

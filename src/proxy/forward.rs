@@ -348,6 +348,10 @@ pub async fn forward(
                 }
                 if status == 101 {
                     if let Some(client_side) = down.upgrade {
+                        let websocket = resp
+                            .headers()
+                            .get(http::header::UPGRADE)
+                            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
                         let upstream_side = hyper::upgrade::on(&mut resp);
                         super::upgrade::splice(
                             down.upgrades,
@@ -356,6 +360,7 @@ pub async fn forward(
                             lease,
                             permit,
                             route.websocket_idle_timeout,
+                            websocket,
                         );
                         return Ok(resp.map(|_| ResponseBody::empty()));
                     }

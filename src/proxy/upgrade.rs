@@ -64,6 +64,106 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     }
 }
 
+/// Where a relayed WebSocket byte stream is: inside a frame header, inside a payload, or
+/// between frames. Only between frames may the gateway add a frame of its own.
+#[derive(Debug, Default)]
+struct FrameCursor {
+    header: [u8; 14],
+    have: usize,
+    payload_left: u64,
+}
+
+impl FrameCursor {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.payload_left == 0
+    }
+
+    /// Header length once its first two bytes are known (RFC 6455 section 5.2).
+    fn header_len(&self) -> usize {
+        let b1 = self.header[1];
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+    }
+
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = (self.payload_left.min(data.len() as u64)) as usize;
+                self.payload_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let need = if self.have < 2 { 2 } else { self.header_len() };
+            let n = (need - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have >= 2 && self.have == self.header_len() {
+                let h = &self.header;
+                self.payload_left = match h[1] & 0x7f {
+                    126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                    127 => u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                    n => u64::from(n),
+                };
+                self.have = 0;
+            }
+        }
+    }
+}
+
+/// Close frame with status 1001 (going away), unmasked as a server sends it.
+const CLOSE_1001_TO_CLIENT: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
+
+/// The same, masked as a client must send it (RFC 6455 section 5.3).
+fn close_1001_to_upstream() -> [u8; 8] {
+    let m = fastrand::u32(..).to_be_bytes();
+    [0x88, 0x82, m[0], m[1], m[2], m[3], 0x03 ^ m[0], 0xE9 ^ m[1]]
+}
+
+/// Relays one direction until end of stream (propagating the half-close), or until `stop`,
+/// when it waits for a frame boundary, adds `close`, and shuts the writer down.
+async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    stop: CancellationToken,
+    close: Option<Vec<u8>>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cursor = FrameCursor::default();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let stopping = stop.is_cancelled() && cursor.at_boundary();
+        if stopping {
+            if let Some(frame) = &close {
+                w.write_all(frame).await?;
+            }
+            w.flush().await?;
+            return w.shutdown().await;
+        }
+        let n = tokio::select! {
+            r = r.read(&mut buf) => r?,
+            _ = stop.cancelled(), if !stop.is_cancelled() => continue,
+        };
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        if close.is_some() {
+            cursor.advance(&buf[..n]);
+        }
+    }
+}
+
+/// Splices the client's and the upstream's upgraded connections in a tracked task. For a
+/// WebSocket, shutdown ends both sides with a 1001 close frame at a frame boundary.
 /// Splices the client's and the upstream's upgraded connections in a tracked task.
 pub fn splice(
     upgrades: &Upgrades,
@@ -72,6 +172,7 @@ pub fn splice(
     lease: Lease,
     permit: Option<OwnedSemaphorePermit>,
     idle_timeout: Option<Duration>,
+    websocket: bool,
 ) {
     let stop = upgrades.stop.clone();
     upgrades.tracker.spawn(async move {
@@ -105,16 +206,75 @@ pub fn splice(
                 last = now;
             }
         };
+        let (down_r, down_w) = tokio::io::split(&mut down);
+        let (up_r, up_w) = tokio::io::split(&mut up);
+        let (to_client, to_upstream) = match websocket {
+            true => (
+                Some(CLOSE_1001_TO_CLIENT.to_vec()),
+                Some(close_1001_to_upstream().to_vec()),
+            ),
+            false => (None, None),
+        };
+        let relay = async {
+            tokio::try_join!(
+                pump(down_r, up_w, stop.clone(), to_upstream),
+                pump(up_r, down_w, stop.clone(), to_client),
+            )
+        };
+        // After shutdown began, a peer stuck mid-frame gets one second to reach a boundary.
+        let hard_stop = async {
+            stop.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+            r = relay => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "upgraded connection ended with an error");
                 }
             }
             _ = watchdog => tracing::debug!("upgraded connection closed after idle timeout"),
-            _ = stop.cancelled() => tracing::debug!("upgraded connection closed at shutdown"),
+            _ = hard_stop => tracing::debug!("upgraded connection closed at shutdown, mid-frame"),
         }
         drop(lease);
         drop(permit);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_cursor_tracks_boundaries_across_reads() {
+        let mut c = FrameCursor::default();
+        assert!(c.at_boundary());
+        // A masked 5-byte text frame, split in the middle of its header and its payload.
+        let frame = [
+            0x81,
+            0x85,
+            1,
+            2,
+            3,
+            4,
+            b'h' ^ 1,
+            b'e' ^ 2,
+            b'l' ^ 3,
+            b'l' ^ 4,
+            b'o' ^ 1,
+        ];
+        c.advance(&frame[..1]);
+        assert!(!c.at_boundary());
+        c.advance(&frame[1..8]);
+        assert!(!c.at_boundary());
+        c.advance(&frame[8..]);
+        assert!(c.at_boundary());
+        // 16-bit and 64-bit lengths, unmasked, two frames in one read.
+        let mut two = vec![0x82, 126, 0x01, 0x00];
+        two.extend(vec![0u8; 256]);
+        two.extend([0x82, 127, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00]);
+        c.advance(&two);
+        assert!(!c.at_boundary());
+        c.advance(&vec![0u8; 65_536]);
+        assert!(c.at_boundary());
+    }
 }
