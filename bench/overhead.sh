@@ -8,10 +8,10 @@
 #   trace1     OTLP/HTTP export, 1 % of requests sampled
 #   access     [log] access = "json" (lines to a file)
 #   scrape     baseline plus GET /metrics ten times a second during the load
+#   nometrics  [metrics] enabled = false: no per-request metric recording (the baseline records)
 #
-# Metrics cannot be turned off (route and endpoint counters are a few relaxed atomics on the
-# request path and feed balancing and /health too), so "scrape" measures their cost as the
-# scrape itself, the part that grows with routes and endpoints.
+# "off" records metrics (the default); "nometrics" shows what recording costs, "scrape" what
+# serving /metrics costs. The /health counters and balancing state are kept either way.
 #
 # The OTLP collector is a tiny python3 http.server on 127.0.0.1 that reads each POST and
 # answers 200 (no decoding). Requests carry no traceparent, so the root sampler decides.
@@ -26,7 +26,7 @@ ROUNDS=3
 DUR=10
 WARMUP=2
 CONNS=50
-VARIANTS="off,trace100,trace1,access,scrape"
+VARIANTS="off,trace100,trace1,access,scrape,nometrics"
 BUILD=1
 OUT=""
 LG_CPU=""; PROXY_CPU=""
@@ -72,7 +72,7 @@ done
 for n in "$ROUNDS" "$DUR" "$WARMUP" "$CONNS"; do is_uint "$n" || die "not a number: $n"; done
 IFS=, read -r -a VARS <<<"$VARIANTS"
 for v in "${VARS[@]}"; do
-  case "$v" in off|trace100|trace1|access|scrape) ;; *) die "unknown variant '$v'" ;; esac
+  case "$v" in off|trace100|trace1|access|scrape|nometrics) ;; *) die "unknown variant '$v'" ;; esac
 done
 
 need_tools wrk nginx curl python3 taskset
@@ -160,6 +160,7 @@ variant_env() { # VARIANT -> env assignments for meshgate
     trace100) echo "$sink OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=1.0" ;;
     trace1) echo "$sink OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01" ;;
     access) echo "MESHGATE_LOG__ACCESS=json" ;;
+    nometrics) echo "MESHGATE_METRICS__ENABLED=false" ;;
   esac
 }
 

@@ -167,6 +167,8 @@ pub struct Config {
     pub cors: Option<Arc<CorsConfig>>,
     /// TLS listener.
     pub tls: Option<TlsListener>,
+    /// Record metrics on the request path (`[metrics] enabled`).
+    pub metrics_enabled: bool,
     /// Logging.
     pub log: LogConfig,
     /// OpenTelemetry trace export.
@@ -971,6 +973,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             );
         }
     }
+    c.unknown("metrics", &raw.metrics.unknown);
     c.unknown("log", &raw.log.unknown);
     let json = match raw.log.format.as_str() {
         "text" => false,
@@ -1305,6 +1308,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         server,
         cors,
         tls,
+        metrics_enabled: raw.metrics.enabled,
         log,
         tracing,
         routes,

@@ -113,8 +113,10 @@ pub fn class_index(status: u16) -> usize {
 }
 
 /// Per-route request figures.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouteMetrics {
+    /// `[metrics] enabled`: when false the request path records nothing here.
+    enabled: bool,
     requests: [[AtomicU64; 5]; 8],
     /// Time until the response headers went to the client.
     pub latency: Histogram,
@@ -128,11 +130,45 @@ pub struct RouteMetrics {
     pub retried_failed: AtomicU64,
 }
 
+impl Default for RouteMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            requests: Default::default(),
+            latency: Histogram::default(),
+            upstream_latency: Histogram::default(),
+            retries: AtomicU64::new(0),
+            retried_ok: AtomicU64::new(0),
+            retried_failed: AtomicU64::new(0),
+        }
+    }
+}
+
 impl RouteMetrics {
+    /// Turns recording on or off (from `[metrics] enabled`).
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// Whether the request path records figures.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Counts one answered request.
     pub fn record(&self, method: &Method, status: u16, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         self.requests[method_index(method)][class_index(status)].fetch_add(1, Ordering::Relaxed);
         self.latency.observe(elapsed);
+    }
+
+    /// Records the final attempt's time to upstream response headers.
+    pub fn observe_upstream(&self, elapsed: Duration) {
+        if self.enabled {
+            self.upstream_latency.observe(elapsed);
+        }
     }
 }
 

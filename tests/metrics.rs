@@ -143,3 +143,51 @@ async fn metrics_reflect_known_traffic() {
     // No raw paths as labels.
     assert!(!text.contains("/api/ok"), "paths must not become labels");
 }
+
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let up = TestUpstream::builder().start().await;
+    let gw = start(&format!(
+        r#"
+        [metrics]
+        enabled = false
+        [[routes]]
+        name = "api"
+        path = "/api"
+        targets = ["{}"]
+        "#,
+        up.url()
+    ))
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(c.get(gw.url("/api/ok")).send().await.unwrap().status(), 200);
+    }
+    let text = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert!(
+        find(&scrape, "meshgate_requests_total", &[("route", "api")]).is_none(),
+        "nothing recorded per request"
+    );
+    // Gauges read from live state still answer, and /health keeps its own counters.
+    assert_eq!(
+        value(&scrape, "meshgate_pool_endpoints", &[("service", "api")]),
+        1.0
+    );
+    let health: serde_json::Value = c
+        .get(gw.admin_url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["routes"][0]["requests"], 3);
+}

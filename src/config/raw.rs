@@ -30,6 +30,8 @@ pub struct RawConfig {
     pub tls: Option<RawTls>,
     /// Admin listener.
     pub admin: RawAdmin,
+    /// Prometheus metrics.
+    pub metrics: RawMetrics,
     /// Logging.
     pub log: RawLog,
     /// OpenTelemetry trace export.
@@ -53,6 +55,7 @@ impl Default for RawConfig {
             cors: None,
             tls: None,
             admin: RawAdmin::default(),
+            metrics: RawMetrics::default(),
             log: RawLog::default(),
             tracing: RawTracing::default(),
             routes: Vec::new(),
@@ -289,6 +292,26 @@ impl Default for RawAdmin {
         Self {
             listen: "127.0.0.1:9901".into(),
             expose_on_main: true,
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawMetrics {
+    /// Record per-route and per-endpoint figures on the request path. Default true.
+    pub enabled: bool,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
             unknown: Unknown::new(),
         }
     }

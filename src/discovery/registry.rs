@@ -176,6 +176,9 @@ impl Registry {
             if old.tls.as_ref().map(|t| t.listen) != config.tls.as_ref().map(|t| t.listen) {
                 restart.push("tls.listen".to_owned());
             }
+            if old.metrics_enabled != config.metrics_enabled {
+                restart.push("metrics.enabled".to_owned());
+            }
             if old.workers != config.workers {
                 restart.push("workers".to_owned());
             }
@@ -198,6 +201,7 @@ impl Registry {
             keep.listen = inner.config.listen;
             keep.admin.listen = inner.config.admin.listen;
             keep.workers = inner.config.workers;
+            keep.metrics_enabled = inner.config.metrics_enabled;
             keep.discovery.provider = inner.config.discovery.provider;
             keep.discovery.consul = inner.config.discovery.consul.clone();
             keep.upstream = inner.config.upstream.clone();
@@ -378,6 +382,7 @@ impl Registry {
                     let mut route =
                         Route::new(r, pool, self.handlers.get(&*r.name).cloned(), limiter);
                     self.route_clients(&mut route, r, h2c, &inner.config.upstream);
+                    route.metrics.set_enabled(inner.config.metrics_enabled);
                     Arc::new(route)
                 }
             };

@@ -314,8 +314,10 @@ pub async fn forward(
         let (failure, error) = match outcome {
             Ok(Ok(mut resp)) => {
                 let status = resp.status().as_u16();
-                route.metrics.upstream_latency.observe(sent.elapsed());
-                ep.state.record_status(status);
+                route.metrics.observe_upstream(sent.elapsed());
+                if route.metrics.enabled() {
+                    ep.state.record_status(status);
+                }
                 route.pool.report(&ep, Outcome::Status(status));
                 if status >= 500 {
                     lease.record_failure();
