@@ -233,7 +233,7 @@ pub struct StaticService {
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// TCP connect timeout.
     pub connect_timeout: Duration,

@@ -187,7 +187,7 @@ impl Registry {
             {
                 restart.push("discovery.provider / discovery.consul".to_owned());
             }
-            if format!("{:?}", old.upstream) != format!("{:?}", config.upstream) {
+            if old.upstream != config.upstream {
                 restart.push("upstream".to_owned());
             }
             if old.tracing != config.tracing {
