@@ -41,7 +41,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -266,7 +265,7 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let stop_accepting = CancellationToken::new();
-        let graceful = Arc::new(GracefulShutdown::new());
+        let graceful = Arc::new(server::Drain::default());
         // Cancelled when the grace period is over: connections still open are closed then.
         let force_close = CancellationToken::new();
         let server_cfg = self.server.clone();
@@ -304,7 +303,7 @@ impl Gateway {
                     server::Role::Admin,
                     self.state.clone(),
                     server_cfg.clone(),
-                    Arc::new(GracefulShutdown::new()),
+                    Arc::new(server::Drain::default()),
                     admin_stop.clone(),
                     admin_stop.clone(),
                 )));
@@ -359,20 +358,12 @@ impl Gateway {
             let _ = l.await;
         }
         accept_loops.extend(admin_loop);
-        // The accept loop has ended, so this is the last handle to the main listener's watcher.
-        match Arc::try_unwrap(graceful) {
-            Ok(graceful) => {
-                if tokio::time::timeout(server_cfg.grace_period, graceful.shutdown())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(grace_period = ?server_cfg.grace_period, "grace period over; closing remaining connections");
-                    force_close.cancel();
-                }
-            }
-            Err(_) => tracing::warn!(
-                "connection watcher still shared; not waiting for in-flight requests"
-            ),
+        if tokio::time::timeout(server_cfg.grace_period, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace_period = ?server_cfg.grace_period, "grace period over; closing remaining connections");
+            force_close.cancel();
         }
         // Upgraded connections get what is left of the grace period, then are closed.
         let upgrades = &self.state.upgrades;

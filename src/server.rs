@@ -10,16 +10,18 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::proxy::{self, ProxyState};
 
-/// Builds the downstream connection builder: HTTP/1.1 with keep-alive and h2c by prior knowledge.
-pub fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+pub(crate) mod conn;
+
+/// Builds the TLS connection builder: HTTP/1.1 with keep-alive, or HTTP/2 by ALPN.
+fn tls_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -34,6 +36,42 @@ pub fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Builds the plain-TCP builders: HTTP/1.1 (hyper only while a request is in flight) and h2c
+/// by prior knowledge.
+fn plain_builders(cfg: &ServerConfig) -> conn::Plain {
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes)
+        // Zero keep-alive means one request per connection, announced with `Connection: close`.
+        .keep_alive(!cfg.keep_alive_timeout.is_zero());
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(cfg.max_header_bytes as u32);
+    conn::Plain {
+        h1,
+        h2,
+        header_read_timeout: cfg.header_read_timeout,
+        keep_alive_timeout: cfg.keep_alive_timeout,
+    }
+}
+
+impl<I, S, E> conn::Graceful for auto::UpgradeableConnection<'_, I, S, E>
+where
+    Self: std::future::Future,
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<proxy::ResponseBody>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, proxy::ResponseBody>,
+{
+    fn start_graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -45,17 +83,34 @@ pub enum Role {
     Admin,
 }
 
-/// Accepts connections until `stop` is cancelled; every connection is watched by `graceful`.
+/// Connections being served, and the signal that asks them to finish.
+#[derive(Debug, Default)]
+pub struct Drain {
+    signal: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Drain {
+    /// Asks every connection to finish its in-flight requests and close, then waits for them.
+    pub async fn shutdown(&self) {
+        self.signal.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Accepts connections until `stop` is cancelled; every connection is tracked by `drain`.
 pub async fn serve(
     listener: TcpListener,
     role: Role,
     state: Arc<ProxyState>,
     cfg: ServerConfig,
-    graceful: Arc<GracefulShutdown>,
+    drain: Arc<Drain>,
     stop: CancellationToken,
     force_close: CancellationToken,
 ) {
-    let builder = Arc::new(connection_builder(&cfg));
+    let tls_builder = Arc::new(tls_builder(&cfg));
+    let plain = Arc::new(plain_builders(&cfg));
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         let permit = tokio::select! {
@@ -88,10 +143,18 @@ pub async fn serve(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let conn_state = state.clone();
         let state = state.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(dispatch(&state, role, req, peer).await) }
-        });
+        let shared = conn::ConnShared::new();
+        let service = {
+            let shared = shared.clone();
+            service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                let mark = shared.begin(&req);
+                async move {
+                    let resp = dispatch(&state, role, req, peer).await;
+                    Ok::<_, Infallible>(resp.map(|b| b.hold_connection(mark)))
+                }
+            })
+        };
         let tls = match role {
             Role::Tls => conn_state
                 .tls
@@ -99,52 +162,42 @@ pub async fn serve(
                 .map(tokio_rustls::TlsAcceptor::from),
             Role::Main | Role::Admin => None,
         };
-        let builder = builder.clone();
-        // A watcher per connection, taken before the task starts, so a shutdown signalled in
-        // between is still seen; the tasks never hold the GracefulShutdown itself.
-        let watcher = graceful.watcher();
+        let tls_builder = tls_builder.clone();
+        let plain = plain.clone();
+        let signal = drain.signal.clone();
         let force_close = force_close.clone();
         let first_byte_timeout = cfg.header_read_timeout;
+        // Tracked from here, so a shutdown signalled before the task first runs still waits.
+        let tracked = drain.tracker.token();
         tokio::spawn(async move {
-            let serve = async {
-                match tls {
-                    None => {
-                        // hyper's protocol detection waits for the first byte without a timer;
-                        // a client that connects and says nothing must not hold a slot forever.
-                        let mut probe = [0u8; 1];
-                        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe))
-                            .await
-                        {
-                            Ok(Ok(n)) if n > 0 => {}
-                            _ => {
-                                tracing::debug!(client.addr = %peer, "no request within header_read_timeout");
-                                return Ok(());
-                            }
+            let _tracked = tracked;
+            // The TLS arm is boxed: the task's size is that of its largest state, and a plain
+            // connection's idle state should be small.
+            let serve: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>,
+            > = match tls {
+                None => Box::pin(async move {
+                    conn::serve(stream, service, shared, &plain, &signal)
+                        .await
+                        .map_err(BoxError::from)
+                }),
+                Some(acceptor) => Box::pin(async move {
+                    match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let c = tls_builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            conn::graceful(std::pin::pin!(c), &signal).await
                         }
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
-                    }
-                    Some(acceptor) => {
-                        match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(tls)) => {
-                                let conn = builder
-                                    .serve_connection_with_upgrades(TokioIo::new(tls), service);
-                                watcher.watch(conn.into_owned()).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(client.addr = %peer, error = %e, "TLS handshake failed");
-                                Ok(())
-                            }
-                            Err(_) => {
-                                tracing::debug!(client.addr = %peer, "TLS handshake timed out");
-                                Ok(())
-                            }
+                        Ok(Err(e)) => {
+                            tracing::debug!(client.addr = %peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(client.addr = %peer, "TLS handshake timed out");
+                            Ok(())
                         }
                     }
-                }
+                }),
             };
             let result = tokio::select! {
                 r = serve => r,

@@ -152,6 +152,8 @@ pub struct RawServer {
     pub max_header_bytes: RawSize,
     /// Time a client has to send its request head. Default `10s`.
     pub header_read_timeout: String,
+    /// How long an idle keep-alive connection waits for its next request. Default `60s`.
+    pub keep_alive_timeout: String,
     /// Most concurrent downstream connections; further ones wait in the accept queue. Default 10000.
     pub max_connections: i64,
     /// On shutdown, how long `/ready` fails before the listener closes. Default `5s`.
@@ -168,6 +170,7 @@ impl Default for RawServer {
         Self {
             max_header_bytes: RawSize::Text("64KiB".into()),
             header_read_timeout: "10s".into(),
+            keep_alive_timeout: "60s".into(),
             max_connections: 10_000,
             drain_delay: "5s".into(),
             grace_period: "30s".into(),

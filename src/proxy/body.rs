@@ -180,6 +180,8 @@ pub struct ResponseBody {
     /// Bytes-out counting and end-of-response telemetry (access log, server span); only set
     /// when one of them is on.
     tap: Option<Box<BodyTap>>,
+    /// Marks the downstream connection busy until the body is done with (see `server::conn`).
+    conn: Option<crate::server::conn::RequestMark>,
 }
 
 #[derive(Debug)]
@@ -212,6 +214,7 @@ impl ResponseBody {
                 deadline: stream_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
             },
             tap: None,
+            conn: None,
         }
     }
 
@@ -221,6 +224,7 @@ impl ResponseBody {
         Self {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
             tap: None,
+            conn: None,
         }
     }
 
@@ -229,6 +233,7 @@ impl ResponseBody {
         Self {
             kind: Kind::Full(None),
             tap: None,
+            conn: None,
         }
     }
 
@@ -236,6 +241,12 @@ impl ResponseBody {
     /// ends or is dropped.
     pub fn with_tap(mut self, tap: BodyTap) -> Self {
         self.tap = Some(Box::new(tap));
+        self
+    }
+
+    /// Keeps the downstream connection marked busy until this body is dropped.
+    pub(crate) fn hold_connection(mut self, mark: crate::server::conn::RequestMark) -> Self {
+        self.conn = Some(mark);
         self
     }
 }

@@ -1,0 +1,352 @@
+//! One plain-TCP downstream connection: HTTP/1.1 served by hyper while a request is in flight,
+//! and nothing but the socket while the connection idles between requests, so an idle
+//! keep-alive connection costs a few hundred bytes instead of hyper's read and write buffers.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::ResponseBody;
+
+/// What the service and the connection loop know about each other, per connection.
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    /// Requests whose response body has not been dropped yet.
+    in_flight: AtomicU32,
+    /// Requests started on this connection (only compared, so wrapping is fine).
+    started: AtomicU32,
+    /// Cleared by a request that ends the connection or takes it over (close, upgrade, CONNECT):
+    /// hyper must then finish the connection itself.
+    reusable: AtomicBool,
+    /// Set by the loop while it takes the socket back from hyper: shutdown must not close it.
+    releasing: AtomicBool,
+}
+
+impl ConnShared {
+    /// A new connection's shared state.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            reusable: AtomicBool::new(true),
+            ..Self::default()
+        })
+    }
+
+    /// Counts a request in; the mark counts it out when the response body is dropped.
+    pub fn begin<B>(self: &Arc<Self>, req: &Request<B>) -> RequestMark {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if !keeps_connection(req) {
+            self.reusable.store(false, Ordering::Relaxed);
+        }
+        RequestMark(self.clone())
+    }
+
+    /// True when every request started since `started_before` has finished and none of them
+    /// asked to end or take over the connection.
+    fn idle_after(&self, started_before: u32) -> bool {
+        self.started.load(Ordering::Relaxed) != started_before
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.reusable.load(Ordering::Relaxed)
+    }
+}
+
+/// A request in flight on a downstream connection, until dropped with its response body.
+#[derive(Debug)]
+pub struct RequestMark(Arc<ConnShared>);
+
+impl Drop for RequestMark {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Requests after which the socket must not be taken back: hyper closes or upgrades it.
+fn keeps_connection<B>(req: &Request<B>) -> bool {
+    if req.version() != Version::HTTP_11 || req.method() == Method::CONNECT {
+        return false;
+    }
+    req.headers().get_all(header::CONNECTION).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').all(|t| {
+                let t = t.trim();
+                !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("upgrade")
+            })
+        })
+    })
+}
+
+/// The socket, with bytes already read from it (hyper's leftover buffer, or a sniffed
+/// preface) replayed first.
+#[derive(Debug)]
+struct ConnIo {
+    stream: TcpStream,
+    prefix: Bytes,
+    shared: Arc<ConnShared>,
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // hyper flushes everything it wrote before it calls this.
+        if self.shared.releasing.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The protocol builders and timeouts every plain connection uses.
+pub struct Plain {
+    /// HTTP/1.1, built anew for each busy stretch of a connection.
+    pub h1: http1::Builder,
+    /// h2c by prior knowledge.
+    pub h2: http2::Builder<TokioExecutor>,
+    /// Time for the first byte of a connection's first request.
+    pub header_read_timeout: Duration,
+    /// Time an idle connection waits for its next request.
+    pub keep_alive_timeout: Duration,
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one plain-TCP connection until the client closes it, it idles past
+/// `keep_alive_timeout`, or `shutdown` is cancelled (then the request in flight finishes
+/// first). HTTP/2 by prior knowledge is detected from the first bytes.
+pub async fn serve<S>(
+    mut stream: TcpStream,
+    service: S,
+    shared: Arc<ConnShared>,
+    plain: &Plain,
+    shutdown: &CancellationToken,
+) -> hyper::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Unpin
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = tokio::time::timeout(plain.header_read_timeout, sniff(&stream)) => r,
+    };
+    let mut prefix = match first {
+        Ok(Ok(Sniffed::Http1(prefix))) => prefix,
+        Ok(Ok(Sniffed::Http2(prefix))) => {
+            let io = ConnIo {
+                stream,
+                prefix,
+                shared,
+            };
+            // Boxed: an HTTP/2 connection's state must not size every connection's task.
+            let mut conn = Box::pin(plain.h2.serve_connection(TokioIo::new(io), service));
+            return graceful(conn.as_mut(), shutdown).await;
+        }
+        Ok(Ok(Sniffed::Closed)) | Ok(Err(_)) => return Ok(()),
+        Err(_) => {
+            tracing::debug!("no request within header_read_timeout");
+            return Ok(());
+        }
+    };
+    loop {
+        shared.releasing.store(false, Ordering::Relaxed);
+        shared.reusable.store(true, Ordering::Relaxed);
+        let before = shared.started.load(Ordering::Relaxed);
+        let io = ConnIo {
+            stream,
+            prefix,
+            shared: shared.clone(),
+        };
+        // Boxed, so the buffers and state are freed while the connection idles.
+        let mut conn = Box::pin(
+            plain
+                .h1
+                .serve_connection(TokioIo::new(io), service.clone())
+                .with_upgrades(),
+        );
+        let mut cancelled = pin!(shutdown.cancelled());
+        let mut draining = false;
+        std::future::poll_fn(|cx| {
+            if !draining && cancelled.as_mut().poll(cx).is_ready() {
+                draining = true;
+                shared.releasing.store(false, Ordering::Relaxed);
+                conn.as_mut().graceful_shutdown();
+            }
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if !draining && !shared.releasing.load(Ordering::Relaxed) && shared.idle_after(before) {
+                // Every response is written: let hyper finish without closing the socket.
+                shared.releasing.store(true, Ordering::Relaxed);
+                conn.as_mut().graceful_shutdown();
+                return conn.as_mut().poll(cx);
+            }
+            Poll::Pending
+        })
+        .await?;
+        if draining || !shared.releasing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // None: the connection was upgraded and now belongs to the upgrade.
+        let Some(parts) = Pin::into_inner(conn).into_parts() else {
+            return Ok(());
+        };
+        let io = parts.io.into_inner();
+        stream = io.stream;
+        prefix = join(parts.read_buf, io.prefix);
+        if prefix.is_empty() {
+            prefix = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = tokio::time::timeout(plain.keep_alive_timeout, read_some(&stream)) => match r {
+                    Ok(Ok(Some(bytes))) => bytes,
+                    // Closed by the client, a read error, or idle too long.
+                    _ => return Ok(()),
+                },
+            };
+        }
+    }
+}
+
+/// Bytes hyper had read but not parsed, then bytes it had not read from the prefix yet, in
+/// a new allocation: hyper's leftover shares its whole read buffer, which must not stay alive
+/// while the connection idles.
+fn join(read: Bytes, rest: Bytes) -> Bytes {
+    if read.is_empty() {
+        return rest;
+    }
+    let mut b = BytesMut::with_capacity(read.len() + rest.len());
+    b.extend_from_slice(&read);
+    b.extend_from_slice(&rest);
+    b.freeze()
+}
+
+enum Sniffed {
+    Http1(Bytes),
+    Http2(Bytes),
+    Closed,
+}
+
+/// Reads what the client has sent so far, without holding a buffer while waiting for it (the
+/// bytes are then replayed to hyper). `None`: the client closed the connection.
+async fn read_some(stream: &TcpStream) -> io::Result<Option<Bytes>> {
+    loop {
+        stream.readable().await?;
+        let mut buf = [0u8; 4096];
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) => return Ok(Some(Bytes::copy_from_slice(&buf[..n]))),
+            // The readiness was stale; wait for the next event.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads the first bytes of a connection; only a first `P` (`POST`, `PUT`, `PATCH` or the
+/// HTTP/2 preface) can need more of them to tell HTTP/2 by prior knowledge from HTTP/1.
+async fn sniff(stream: &TcpStream) -> io::Result<Sniffed> {
+    let mut seen = BytesMut::new();
+    loop {
+        let Some(more) = read_some(stream).await? else {
+            return Ok(Sniffed::Closed);
+        };
+        if seen.is_empty() && !H2_PREFACE.starts_with(&more[..1]) {
+            return Ok(Sniffed::Http1(more));
+        }
+        seen.extend_from_slice(&more);
+        let n = seen.len().min(H2_PREFACE.len());
+        if seen[..n] != H2_PREFACE[..n] {
+            return Ok(Sniffed::Http1(seen.freeze()));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Sniffed::Http2(seen.freeze()));
+        }
+    }
+}
+
+/// Connections that can finish their in-flight work and then close.
+pub trait Graceful: Future {
+    /// Stop taking new requests; finish the ones in flight.
+    fn start_graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> Graceful for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn start_graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Drives `conn` to its end; once `shutdown` is cancelled it stops taking new requests.
+pub async fn graceful<C: Graceful>(
+    mut conn: Pin<&mut C>,
+    shutdown: &CancellationToken,
+) -> C::Output {
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = shutdown.cancelled() => conn.as_mut().start_graceful(),
+    }
+    conn.await
+}
