@@ -53,6 +53,7 @@ fn plain_builders(cfg: &ServerConfig) -> conn::Plain {
         h2,
         header_read_timeout: cfg.header_read_timeout,
         keep_alive_timeout: cfg.keep_alive_timeout,
+        quiet: conn::Plain::quiet_for(cfg.header_read_timeout),
     }
 }
 
@@ -143,7 +144,7 @@ pub async fn serve(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let conn_state = state.clone();
         let state = state.clone();
-        let shared = conn::ConnShared::new();
+        let shared = conn::ConnShared::new(plain.quiet);
         let service = {
             let shared = shared.clone();
             service_fn(move |req: Request<Incoming>| {
@@ -199,9 +200,9 @@ pub async fn serve(
                     }
                 }),
             };
-            let result = tokio::select! {
-                r = serve => r,
-                _ = force_close.cancelled() => {
+            let result = match conn::or_cancelled(&force_close, serve).await {
+                Some(r) => r,
+                None => {
                     tracing::debug!(client.addr = %peer, "connection closed at the end of the grace period");
                     Ok(())
                 }

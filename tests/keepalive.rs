@@ -60,7 +60,10 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     match tokio::time::timeout_at(start + limit, s.read(&mut chunk)).await {
         Err(_) => None,
         Ok(Ok(0)) | Ok(Err(_)) => Some(start.elapsed()),
-        Ok(Ok(n)) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&chunk[..n])),
+        Ok(Ok(n)) => panic!(
+            "unexpected bytes: {:?}",
+            String::from_utf8_lossy(&chunk[..n])
+        ),
     }
 }
 
@@ -116,6 +119,32 @@ async fn an_idle_connection_outlives_the_header_timeout_and_serves_the_next_requ
     let r = read_reply(&mut s, &mut buf).await;
     assert_eq!(r.body, b"second");
     assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_busy_connection_that_goes_quiet_is_handed_back_too() {
+    let up = TestUpstream::builder().route("/a", 200, "a").start().await;
+    let gw = gateway(
+        &up,
+        r#"header_read_timeout = "150ms"
+        keep_alive_timeout = "30s""#,
+    )
+    .await;
+    let mut s = connect(gw.addr).await;
+    let mut buf = Vec::new();
+    // Back-to-back requests: hyper keeps the connection between them...
+    for _ in 0..20 {
+        s.write_all(&get("/a")).await.unwrap();
+        assert_eq!(read_reply(&mut s, &mut buf).await.body, b"a");
+    }
+    // ...until it has been quiet for a while; then hyper's header timer no longer applies.
+    assert_eq!(
+        closed_within(&mut s, Duration::from_millis(450)).await,
+        None
+    );
+    s.write_all(&get("/a")).await.unwrap();
+    assert_eq!(read_reply(&mut s, &mut buf).await.body, b"a");
+    assert_eq!(up.hits(), 21);
 }
 
 #[tokio::test]

@@ -130,12 +130,13 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
     via: &'static str,
 ) {
-    let client = client.to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client,
+        Some(prev) if !prev.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {client}")).ok()
+        }
+        _ => Some(client_value(client)),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         // Several X-Forwarded-For lines are folded into one so the chain stays in order.
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -151,6 +152,28 @@ pub fn add_forwarding(
     headers.append(header::VIA, HeaderValue::from_static(via));
 }
 
+/// `client` as a header value. Consecutive requests on a thread mostly come from the same
+/// address (a keep-alive connection, or a load balancer in front), so the last one formatted
+/// is kept: a clone of it is a reference count, formatting is an allocation and `fmt`.
+fn client_value(client: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((ip, v)) if *ip == client => v.clone(),
+            _ => {
+                let v = HeaderValue::from_str(&client.to_string())
+                    .expect("an IP address is a valid header value");
+                *last = Some((client, v.clone()));
+                v
+            }
+        }
+    })
+}
+
 /// The client's request id when it sent a usable one, else a new random one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
@@ -158,8 +181,14 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let mut n = fastrand::u128(..);
+    for b in id.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]
@@ -229,10 +258,25 @@ mod tests {
     }
 
     #[test]
+    fn the_client_address_cache_follows_the_address() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        for ip in [v4, v4, v6, v4, v6, v6] {
+            let mut h = HeaderMap::new();
+            add_forwarding(&mut h, ip, "http", None, "1.1 meshgate");
+            assert_eq!(h[&X_FORWARDED_FOR], ip.to_string());
+        }
+    }
+
+    #[test]
     fn request_ids_are_kept_or_generated() {
         let mut h = HeaderMap::new();
         let a = request_id(&h);
         assert_eq!(a.len(), 32);
+        assert!(
+            a.as_bytes().iter().all(|b| b"0123456789abcdef".contains(b)),
+            "{a:?}"
+        );
         assert_ne!(a, request_id(&h));
         h.insert("x-request-id", HeaderValue::from_static("abc"));
         assert_eq!(request_id(&h), "abc");

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,13 +35,28 @@ pub struct ConnShared {
     reusable: AtomicBool,
     /// Set by the loop while it takes the socket back from hyper: shutdown must not close it.
     releasing: AtomicBool,
+    /// When the latest request started (`clock::now_ms`).
+    last_start_ms: AtomicU64,
+    /// The latest request started within `QUIET` of the one before: the next one is likely
+    /// to come soon too, so hyper keeps the connection until it has been quiet for a while.
+    hot: AtomicBool,
+    /// [`Plain::quiet`] in milliseconds.
+    quiet_ms: u64,
 }
 
+/// How long a busy connection must be quiet before its buffers are released; also what
+/// "busy" means (requests less than this apart). Short, so that a burst of new connections
+/// (a reconnect storm, a load test's ramp) does not pile up buffers; long enough that a
+/// connection serving back-to-back requests keeps hyper's state instead of rebuilding it.
+/// Halved when `header_read_timeout` is shorter, since hyper closes the connection then.
+const QUIET: Duration = Duration::from_millis(100);
+
 impl ConnShared {
-    /// A new connection's shared state.
-    pub fn new() -> Arc<Self> {
+    /// A new connection's shared state; `quiet` is [`Plain::quiet`].
+    pub fn new(quiet: Duration) -> Arc<Self> {
         Arc::new(Self {
             reusable: AtomicBool::new(true),
+            quiet_ms: quiet.as_millis() as u64,
             ..Self::default()
         })
     }
@@ -50,6 +65,12 @@ impl ConnShared {
     pub fn begin<B>(self: &Arc<Self>, req: &Request<B>) -> RequestMark {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = crate::clock::now_ms();
+        let prev = self.last_start_ms.swap(now, Ordering::Relaxed);
+        self.hot.store(
+            prev != 0 && now.saturating_sub(prev) < self.quiet_ms,
+            Ordering::Relaxed,
+        );
         if !keeps_connection(req) {
             self.reusable.store(false, Ordering::Relaxed);
         }
@@ -159,6 +180,15 @@ pub struct Plain {
     pub header_read_timeout: Duration,
     /// Time an idle connection waits for its next request.
     pub keep_alive_timeout: Duration,
+    /// How long a busy connection must be quiet before hyper's state is released.
+    pub quiet: Duration,
+}
+
+impl Plain {
+    /// The quiet period for a `header_read_timeout`: `QUIET`, or less than the timeout.
+    pub fn quiet_for(header_read_timeout: Duration) -> Duration {
+        QUIET.min(header_read_timeout / 2)
+    }
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -220,17 +250,33 @@ where
                 .with_upgrades(),
         );
         let mut cancelled = pin!(shutdown.cancelled());
+        let mut registered = false;
         let mut draining = false;
+        // For a hot connection: a timer, and the request count when it was armed.
+        let mut quiet: Option<(Pin<Box<tokio::time::Sleep>>, u32)> = None;
         std::future::poll_fn(|cx| {
-            if !draining && cancelled.as_mut().poll(cx).is_ready() {
-                draining = true;
-                shared.releasing.store(false, Ordering::Relaxed);
-                conn.as_mut().graceful_shutdown();
+            // See `or_cancelled` for why the token's flag is read before its waiter is polled.
+            if !draining && (!registered || shutdown.is_cancelled()) {
+                registered = true;
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    draining = true;
+                    shared.releasing.store(false, Ordering::Relaxed);
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                 return Poll::Ready(r);
             }
-            if !draining && !shared.releasing.load(Ordering::Relaxed) && shared.idle_after(before) {
+            if draining || shared.releasing.load(Ordering::Relaxed) || !shared.idle_after(before) {
+                return Poll::Pending;
+            }
+            let release = if shared.hot.load(Ordering::Relaxed) {
+                let started = shared.started.load(Ordering::Relaxed);
+                quiet_for_a_while(&mut quiet, plain.quiet, started, cx)
+            } else {
+                true
+            };
+            if release {
                 // Every response is written: let hyper finish without closing the socket.
                 shared.releasing.store(true, Ordering::Relaxed);
                 conn.as_mut().graceful_shutdown();
@@ -250,15 +296,39 @@ where
         stream = io.stream;
         prefix = join(parts.read_buf, io.prefix);
         if prefix.is_empty() {
-            prefix = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(plain.keep_alive_timeout, read_some(&stream)) => match r {
-                    Ok(Ok(Some(bytes))) => bytes,
-                    // Closed by the client, a read error, or idle too long.
-                    _ => return Ok(()),
-                },
+            let next = tokio::time::timeout(plain.keep_alive_timeout, read_some(&stream));
+            prefix = match or_cancelled(shutdown, next).await {
+                Some(Ok(Ok(Some(bytes)))) => bytes,
+                // Shutdown, closed by the client, a read error, or idle too long.
+                _ => return Ok(()),
             };
         }
+    }
+}
+
+/// True once no request has started for a full `QUIET` period; otherwise (re)arms the timer
+/// so the task wakes to check again.
+fn quiet_for_a_while(
+    quiet: &mut Option<(Pin<Box<tokio::time::Sleep>>, u32)>,
+    period: Duration,
+    started: u32,
+    cx: &mut Context<'_>,
+) -> bool {
+    let Some((timer, armed_at)) = quiet else {
+        let mut timer = Box::pin(tokio::time::sleep(period));
+        let _ = timer.as_mut().poll(cx);
+        *quiet = Some((timer, started));
+        return false;
+    };
+    loop {
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if *armed_at == started {
+            return true;
+        }
+        *armed_at = started;
+        timer.as_mut().reset(tokio::time::Instant::now() + period);
     }
 }
 
@@ -337,6 +407,26 @@ where
     fn start_graceful(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
+}
+
+/// Runs `fut` to its end, or until `token` is cancelled (`None`). The cancellation waiter is
+/// polled once to register and then only after the token's flag says it fired: every poll of
+/// a registered tokio waiter takes the lock on its waiter list, and a connection's task is
+/// woken several times per request.
+pub async fn or_cancelled<F: Future>(token: &CancellationToken, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let mut cancelled = pin!(token.cancelled());
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if !registered || token.is_cancelled() {
+            registered = true;
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        fut.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 /// Drives `conn` to its end; once `shutdown` is cancelled it stops taking new requests.
