@@ -50,49 +50,64 @@ impl HeaderOps {
     }
 }
 
+/// The fixed hop-by-hop headers, each with its bit in `remove_hop_by_hop`'s presence mask.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+
 /// Removes hop-by-hop headers: the fixed set plus every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these: one pass over the names, no hashing, and done.
-    let hop = |k: &HeaderName| {
-        k == header::CONNECTION
-            || k == header::TE
-            || k == header::TRAILER
-            || k == header::TRANSFER_ENCODING
-            || k == header::UPGRADE
-            || k == KEEP_ALIVE
-            || k == PROXY_CONNECTION
-    };
-    if !headers.keys().any(hop) {
+    // One pass over the names, comparing without hashing, notes which of the set are present
+    // (most requests carry none; most upstream responses only `Connection: keep-alive`).
+    let mut present = 0u8;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Tokens listed in Connection are hop-by-hop too; collect before removing Connection itself.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    const CONNECTION: u8 = 1;
+    const TE: u8 = 1 << 1;
+    // Tokens listed in Connection are hop-by-hop too. The usual ones (`keep-alive`, `close`,
+    // `upgrade`) name nothing beyond the fixed set, so nothing is allocated for them.
+    if present & CONNECTION != 0 {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !["keep-alive", "close", "upgrade", "te", "trailer"]
+                    .iter()
+                    .any(|known| t.eq_ignore_ascii_case(known))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
     // `TE: trailers` is the one TE value that must travel: gRPC servers insist on it.
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
+    let trailers = present & TE != 0
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -255,6 +270,24 @@ mod tests {
         assert_eq!(h.get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
         assert_eq!(h.get_all("x-b").iter().collect::<Vec<_>>(), ["new"]);
         assert!(!h.contains_key("server"));
+    }
+
+    #[test]
+    fn te_trailers_survives_even_when_connection_lists_te() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, TE"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h["te"], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-length"));
     }
 
     #[test]
