@@ -441,7 +441,8 @@ pub struct RawRetry {
     pub per_try_timeout: Option<String>,
     /// Conditions: `connect-failure`, `reset`, `timeout`, or status codes such as `"503"`.
     pub on: Vec<String>,
-    /// Retries allowed as a share of requests in flight, e.g. `"20%"`; at least 10 at a time.
+    /// Retries allowed as a share of requests in flight, e.g. `"20%"`; at least 10 at a time,
+    /// and beyond that what earlier requests saved (this share of a retry each, up to 100).
     pub budget: String,
     /// Bodies up to this size are kept for replay; larger ones stream and are not retried. Default `64KiB`.
     pub max_body: RawSize,

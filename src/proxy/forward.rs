@@ -173,7 +173,7 @@ pub async fn forward(
             return Err(ProxyError::BodyTooLarge { limit });
         }
     }
-    let _active = route.budget.enter();
+    let _active = route.budget.enter(route.retry.budget_percent);
     let permit = match &route.limiter {
         Some(l) => Some(
             l.acquire(deadline)

@@ -1,7 +1,7 @@
 //! Retry policy: which failures may be retried, the jittered backoff, and the retry budget
 //! that keeps retries from multiplying load when everything fails.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Method;
@@ -63,9 +63,13 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Retries always allowed at once, however few requests are in flight. Envoy uses 3; a burst
-/// of resets when one upstream dies (every request in flight on it at once) needs more.
+/// Retries always allowed at once, whatever the balance. Envoy uses 3; a burst of resets when
+/// one upstream dies (every request in flight on it at once) needs more.
 const MIN_RETRY_CONCURRENCY: usize = 10;
+
+/// Most retries the balance can save up: the largest burst a route that was healthy for a
+/// while can retry at once (on top of `MIN_RETRY_CONCURRENCY`).
+const MAX_SAVED_RETRIES: i64 = 100;
 
 impl RetryPolicy {
     /// Jittered exponential backoff before retry number `retry` (1-based): half fixed, half random.
@@ -87,11 +91,17 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Counts a route's requests and retries in flight; a retry needs room in the budget.
+/// A route's retry budget. Retries in flight may be `percent` of the requests in flight (at
+/// least `MIN_RETRY_CONCURRENCY`), as in Envoy. Beyond that, a retry can spend savings: every
+/// request deposits `percent` of a retry (as in Finagle), so a burst of failures (every request
+/// in flight on an upstream that just died) is retried in full when the route was healthy
+/// before, while a lasting storm stays capped.
 #[derive(Debug, Default)]
 pub struct RetryBudget {
     active: AtomicUsize,
     retries: AtomicUsize,
+    /// Saved retries, in thousandths.
+    balance: AtomicI64,
 }
 
 /// Holds one request in the budget's count until dropped.
@@ -115,23 +125,34 @@ impl Drop for RetryGuard<'_> {
 }
 
 impl RetryBudget {
-    /// Counts a request in flight.
-    pub fn enter(&self) -> ActiveGuard<'_> {
+    /// Counts a request in flight and deposits its share of a retry.
+    pub fn enter(&self, percent: f64) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
+        let share = (percent * 10.0) as i64;
+        let prev = self.balance.fetch_add(share, Ordering::Relaxed);
+        if prev + share > MAX_SAVED_RETRIES * 1000 {
+            // Racing deposits may overshoot a little; the cap is a bound, not an exact value.
+            self.balance
+                .fetch_min(MAX_SAVED_RETRIES * 1000, Ordering::Relaxed);
+        }
         ActiveGuard(self)
     }
 
-    /// Takes a retry slot when `percent` of the active requests (at least a few) allows one.
+    /// Takes a retry slot when `percent` of the active requests (at least a few) allows one,
+    /// or else when a whole saved retry can be spent.
     pub fn try_retry(&self, percent: f64) -> Option<RetryGuard<'_>> {
         let active = self.active.load(Ordering::Relaxed);
         let allowed = ((active as f64 * percent / 100.0) as usize).max(MIN_RETRY_CONCURRENCY);
         let prev = self.retries.fetch_add(1, Ordering::Relaxed);
         if prev < allowed {
-            Some(RetryGuard(self))
-        } else {
-            self.retries.fetch_sub(1, Ordering::Relaxed);
-            None
+            return Some(RetryGuard(self));
         }
+        if self.balance.fetch_sub(1000, Ordering::Relaxed) >= 1000 {
+            return Some(RetryGuard(self));
+        }
+        self.balance.fetch_add(1000, Ordering::Relaxed);
+        self.retries.fetch_sub(1, Ordering::Relaxed);
+        None
     }
 
     /// Retries in flight now.
@@ -155,16 +176,33 @@ mod tests {
     }
 
     #[test]
-    fn budget_allows_a_share_with_a_minimum() {
+    fn budget_allows_a_share_with_a_minimum_plus_savings() {
         let b = RetryBudget::default();
-        let active: Vec<_> = (0..100).map(|_| b.enter()).collect();
-        let retries: Vec<_> = (0..30).filter_map(|_| b.try_retry(20.0)).collect();
-        assert_eq!(retries.len(), 20);
+        // 100 requests in flight at 20 %: 20 retries by share, and 20 saved by their deposits.
+        let active: Vec<_> = (0..100).map(|_| b.enter(20.0)).collect();
+        let retries: Vec<_> = (0..60).filter_map(|_| b.try_retry(20.0)).collect();
+        assert_eq!(retries.len(), 40);
         drop(retries);
         drop(active);
-        let _one = b.enter();
+        // Savings spent: one request in flight gets the floor (its deposit is a fifth of one).
+        let _one = b.enter(20.0);
         let few: Vec<_> = (0..20).filter_map(|_| b.try_retry(20.0)).collect();
         assert_eq!(few.len(), MIN_RETRY_CONCURRENCY);
+        drop(few);
+        assert_eq!(b.retries_in_flight(), 0);
+    }
+
+    #[test]
+    fn savings_are_capped() {
+        let b = RetryBudget::default();
+        for _ in 0..100_000 {
+            drop(b.enter(20.0));
+        }
+        let burst: Vec<_> = (0..1000).filter_map(|_| b.try_retry(20.0)).collect();
+        assert_eq!(
+            burst.len(),
+            MIN_RETRY_CONCURRENCY + MAX_SAVED_RETRIES as usize
+        );
     }
 
     #[test]
