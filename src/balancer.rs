@@ -36,6 +36,8 @@ pub struct EndpointState {
     failures: AtomicU64,
     /// Upstream answers by status class (1xx..5xx).
     statuses: [AtomicU64; 5],
+    /// Idle pooled HTTP/1.1 connections to this endpoint (plain HTTP routes; made on first use).
+    pub(crate) idle_conns: std::sync::OnceLock<crate::proxy::pool::IdleConns>,
 }
 
 impl EndpointState {
@@ -50,6 +52,7 @@ impl EndpointState {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            idle_conns: std::sync::OnceLock::new(),
             statuses: Default::default(),
         }
     }
@@ -209,6 +212,9 @@ pub struct Endpoint {
     pub(crate) key_hash: u64,
     /// Counters and health, shared across snapshots.
     pub state: Arc<EndpointState>,
+    /// The address when the host is an IP literal: the pooled HTTP/1.1 path connects to it
+    /// directly (names go through the general client, which resolves them).
+    pub(crate) socket_addr: Option<std::net::SocketAddr>,
 }
 
 impl Endpoint {
@@ -481,6 +487,7 @@ fn endpoint(source: Discovered, state: Arc<EndpointState>) -> Option<Endpoint> {
     };
     let key_hash = policy::hash_bytes(authority.as_bytes());
     let host_header = http::HeaderValue::from_str(&authority).ok()?;
+    let socket_addr = authority.parse().ok();
     let authority = Authority::try_from(authority).ok()?;
     Some(Endpoint {
         source,
@@ -488,6 +495,7 @@ fn endpoint(source: Discovered, state: Arc<EndpointState>) -> Option<Endpoint> {
         host_header,
         key_hash,
         state,
+        socket_addr,
     })
 }
 

@@ -193,6 +193,7 @@ impl Gateway {
             services: ArcSwap::default(),
             notes: ArcSwap::default(),
             client: proxy::forward::client(&config.upstream),
+            http1: proxy::pool::Http1Pool::new(&config.upstream),
             cors: ArcSwapOption::new(config.cors.clone()),
             expose_admin: config.admin.expose_on_main,
             admin: Arc::new(AdminState::new(config.admin.token.clone())),

@@ -6,6 +6,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod limit;
+pub mod pool;
 pub mod retry;
 pub mod upgrade;
 
@@ -43,6 +44,8 @@ pub struct ProxyState {
     pub notes: ArcSwap<Vec<String>>,
     /// Upstream connection pool.
     pub client: UpstreamClient,
+    /// Pooled HTTP/1.1 to plain-HTTP endpoints with IP addresses (the common case).
+    pub http1: pool::Http1Pool,
     /// Global CORS policy; replaced on reload.
     pub cors: ArcSwapOption<CorsConfig>,
     /// Answer `/health` and `/status` on the main listener.
@@ -178,7 +181,7 @@ async fn route_request(
         span,
         log,
     };
-    match forward::forward(&state.client, &route, req, &path, down).await {
+    match forward::forward(&state.client, &state.http1, &route, req, &path, down).await {
         Ok(mut resp) => {
             route.record(resp.status().is_server_error());
             route

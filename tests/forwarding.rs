@@ -197,3 +197,48 @@ async fn dot_segments_never_leave_the_route_prefix() {
     let out = raw_get(gw.addr, "/../../etc/passwd").await;
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_survive_an_upstream_restart() {
+    let c = client();
+    let up = TestUpstream::builder()
+        .route("/p", 200, "pooled")
+        .start()
+        .await;
+    let addr = up.addr();
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        path = "/"
+        targets = ["http://{addr}"]
+        "#
+    ))
+    .await;
+    for _ in 0..50 {
+        let r = c.get(gw.url("/p")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "pooled");
+    }
+    // Sequential requests share one pooled upstream connection.
+    assert_eq!(up.hits(), 50);
+    assert_eq!(up.connections(), 1);
+    // HEAD has no body to read: its connection goes back to the pool all the same.
+    for _ in 0..5 {
+        let r = c.head(gw.url("/p")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(up.connections(), 1);
+
+    // The upstream restarts on the same address: the pooled connection is dead, and the next
+    // request goes out on a new one without an error reaching the client.
+    up.shutdown().await;
+    let up = TestUpstream::builder()
+        .route("/p", 200, "again")
+        .start_on(addr)
+        .await;
+    for _ in 0..5 {
+        let r = c.get(gw.url("/p")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "again");
+    }
+    assert_eq!(up.connections(), 1);
+}

@@ -190,6 +190,8 @@ enum Kind {
         body: Incoming,
         hold: Option<(Lease, Option<OwnedSemaphorePermit>)>,
         deadline: Option<Pin<Box<Sleep>>>,
+        /// The pooled connection, given back once the body has ended.
+        reuse: Option<super::pool::Reuse>,
     },
     Full(Option<Bytes>),
 }
@@ -212,10 +214,19 @@ impl ResponseBody {
                 body,
                 hold: Some((lease, permit)),
                 deadline: stream_timeout.map(|d| Box::pin(tokio::time::sleep(d))),
+                reuse: None,
             },
             tap: None,
             conn: None,
         }
+    }
+
+    /// Gives `reuse`'s connection back to its pool once this (upstream) body has ended.
+    pub(crate) fn reusing(mut self, reuse: Option<super::pool::Reuse>) -> Self {
+        if let Kind::Upstream { reuse: slot, .. } = &mut self.kind {
+            *slot = reuse;
+        }
+        self
     }
 
     /// A complete body made by the gateway.
@@ -253,6 +264,19 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        // hyper stops polling a body whose length it knows once it has written that much.
+        if let Kind::Upstream {
+            body,
+            reuse: reuse @ Some(_),
+            ..
+        } = &mut self.kind
+        {
+            if body.is_end_stream() {
+                if let Some(r) = reuse.take() {
+                    r.release();
+                }
+            }
+        }
         if let Some(tap) = self.tap.take() {
             let complete = self.is_end_stream();
             tap.finish(complete);
@@ -301,14 +325,31 @@ impl ResponseBody {
                 body,
                 hold,
                 deadline,
+                reuse,
             } => {
                 if let Some(d) = deadline {
                     if d.as_mut().poll(cx).is_ready() {
                         *hold = None;
+                        *reuse = None;
                         return Poll::Ready(Some(Err(Box::new(StreamTimeout))));
                     }
                 }
-                let frame = ready!(Pin::new(body).poll_frame(cx));
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+                match &frame {
+                    // Ended: the connection can take the next request now.
+                    Some(Ok(_)) if body.is_end_stream() => {
+                        if let Some(r) = reuse.take() {
+                            r.release();
+                        }
+                    }
+                    None => {
+                        if let Some(r) = reuse.take() {
+                            r.release();
+                        }
+                    }
+                    Some(Err(_)) => *reuse = None,
+                    Some(Ok(_)) => {}
+                }
                 if let Some(Err(_)) = &frame {
                     if let Some((l, _)) = hold.as_ref() {
                         l.record_failure();

@@ -7,6 +7,35 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::StatusCode;
 
+/// Why an upstream request failed, from either client (the general one, or the pooled
+/// HTTP/1.1 path of `pool.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The general client (TLS, h2c, upgrades, host names).
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+    /// Opening the TCP connection failed or timed out.
+    #[error("tcp connect error")]
+    Connect(#[source] std::io::Error),
+    /// The HTTP/1.1 handshake on a new connection failed.
+    #[error("connection handshake failed")]
+    Handshake(#[source] hyper::Error),
+    /// Sending the request or reading the response head failed.
+    #[error("request failed")]
+    Request(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Nothing reached the upstream: the connection itself could not be made.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Client(e) => e.is_connect(),
+            Self::Connect(_) | Self::Handshake(_) => true,
+            Self::Request(_) => false,
+        }
+    }
+}
+
 /// A request-path failure. Mapped to a status exactly once, in [`ProxyError::status`].
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -29,7 +58,7 @@ pub enum ProxyError {
         addr: Authority,
         /// Why.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: UpstreamError,
     },
     /// No response headers arrived in time.
     #[error("{addr} sent no response headers within {after:?}")]
@@ -46,7 +75,7 @@ pub enum ProxyError {
         addr: Authority,
         /// Why.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: UpstreamError,
     },
     /// The request body is larger than the route allows.
     #[error("request body exceeds {limit} bytes")]

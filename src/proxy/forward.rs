@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
-use super::error::ProxyError;
+use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::retry::is_idempotent;
 use crate::balancer::{Endpoint, Outcome};
@@ -155,6 +155,7 @@ enum Failure {
 /// `path` is the dot-normalised request path.
 pub async fn forward(
     client: &UpstreamClient,
+    http1: &super::pool::Http1Pool,
     route: &Route,
     req: Request<Incoming>,
     path: &str,
@@ -264,12 +265,27 @@ pub async fn forward(
             log.attempts = attempt;
             log.upstream = Some(ep.authority.clone());
         }
-        let uri = Uri::builder()
-            .scheme(route.pool.scheme().clone())
-            .authority(ep.authority.clone())
-            .path_and_query(path_and_query.clone())
-            .build()
-            .map_err(|source| ProxyError::InvalidRequest { source })?;
+        // Plain HTTP/1.1 to an IP address goes through the endpoint's own pool; the request
+        // line then carries only the path (origin form).
+        let pooled = match ep.socket_addr {
+            Some(addr)
+                if down.upgrade.is_none()
+                    && route.client.is_none()
+                    && *route.pool.scheme() == http::uri::Scheme::HTTP =>
+            {
+                Some(addr)
+            }
+            _ => None,
+        };
+        let uri = match pooled {
+            Some(_) => Uri::from(path_and_query.clone()),
+            None => Uri::builder()
+                .scheme(route.pool.scheme().clone())
+                .authority(ep.authority.clone())
+                .path_and_query(path_and_query.clone())
+                .build()
+                .map_err(|source| ProxyError::InvalidRequest { source })?,
+        };
         let more_attempts = attempt < policy.attempts && matches!(payload, Payload::Replayable(_));
         let mut builder = Request::builder()
             .method(parts.method.clone())
@@ -304,7 +320,21 @@ pub async fn forward(
             (_, _, Some(c)) => c,
             _ => client,
         };
-        let outcome = tokio::time::timeout_at(try_deadline, client.request(upstream_req)).await;
+        let mut reuse = None;
+        let outcome = match pooled {
+            Some(addr) => {
+                let sent = http1.send(&ep.state, addr, upstream_req);
+                tokio::time::timeout_at(try_deadline, sent).await.map(|r| {
+                    r.map(|(resp, r)| {
+                        reuse = Some(r);
+                        resp
+                    })
+                })
+            }
+            None => tokio::time::timeout_at(try_deadline, client.request(upstream_req))
+                .await
+                .map(|r| r.map_err(UpstreamError::from)),
+        };
         // The attempt's span ends with its response headers (or its failure).
         telemetry::record_attempt(&span, &outcome);
         drop(span);
@@ -367,9 +397,9 @@ pub async fn forward(
                         return Ok(resp.map(|_| ResponseBody::empty()));
                     }
                 }
-                return Ok(
-                    resp.map(|b| ResponseBody::upstream(b, lease, permit, route.stream_timeout))
-                );
+                return Ok(resp.map(|b| {
+                    ResponseBody::upstream(b, lease, permit, route.stream_timeout).reusing(reuse)
+                }));
             }
             Ok(Err(source)) => {
                 lease.record_failure();

@@ -1,0 +1,151 @@
+//! Pooled HTTP/1.1 connections to plain-HTTP endpoints, kept in each endpoint's state: a
+//! lock-free queue of idle `SendRequest` handles, so a request takes no pool-wide map lookup,
+//! hash or lock (TLS, h2c, upgrades and host names use the general client).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::body::RequestBody;
+use super::error::UpstreamError;
+use crate::balancer::EndpointState;
+use crate::config::UpstreamConfig;
+
+/// One endpoint's idle connections.
+#[derive(Debug)]
+pub struct IdleConns {
+    queue: ArrayQueue<Idle>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since_ms: u64,
+}
+
+/// A connection in use; give it back with [`Reuse::release`] once its response has ended.
+#[derive(Debug)]
+pub struct Reuse {
+    sender: http1::SendRequest<RequestBody>,
+    state: std::sync::Arc<EndpointState>,
+}
+
+impl Reuse {
+    /// Returns the connection to the endpoint's idle queue (dropped, so closed, when full).
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        if let Some(idle) = self.state.idle_conns.get() {
+            let _ = idle.queue.push(Idle {
+                sender: self.sender,
+                since_ms: crate::clock::now_ms(),
+            });
+        }
+    }
+}
+
+/// Connection settings for the pooled HTTP/1.1 path.
+#[derive(Debug, Clone)]
+pub struct Http1Pool {
+    connect_timeout: Duration,
+    idle_timeout_ms: u64,
+    max_idle: usize,
+}
+
+impl Http1Pool {
+    /// From `[upstream]`.
+    pub fn new(cfg: &UpstreamConfig) -> Self {
+        Self {
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout_ms: cfg.idle_timeout.as_millis() as u64,
+            max_idle: cfg.max_idle_per_host.max(1),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, Host set) on an idle connection to `addr`, or a new one.
+    pub async fn send(
+        &self,
+        state: &std::sync::Arc<EndpointState>,
+        addr: SocketAddr,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Reuse), UpstreamError> {
+        let idle = state.idle_conns.get_or_init(|| IdleConns {
+            queue: ArrayQueue::new(self.max_idle),
+        });
+        let now = crate::clock::now_ms();
+        while let Some(Idle {
+            mut sender,
+            since_ms,
+        }) = idle.queue.pop()
+        {
+            if sender.is_closed() || now.saturating_sub(since_ms) > self.idle_timeout_ms {
+                continue;
+            }
+            // Given back as its response ended; the connection's task may not have caught up.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let reuse = Reuse {
+                        sender,
+                        state: state.clone(),
+                    };
+                    return Ok((resp, reuse));
+                }
+                // Closed before the request was written: nothing was sent, try another.
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(UpstreamError::Request(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect(addr).await?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Request)?;
+        let reuse = Reuse {
+            sender,
+            state: state.clone(),
+        };
+        Ok((resp, reuse))
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+                Err(_) => {
+                    return Err(UpstreamError::Connect(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", self.connect_timeout),
+                    )))
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
