@@ -242,3 +242,48 @@ async fn upstream_connections_are_pooled_and_survive_an_upstream_restart() {
     }
     assert_eq!(up.connections(), 1);
 }
+
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A bare upstream, to see the gateway close the pooled connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gw = start(&format!(
+        r#"
+        [upstream]
+        idle_timeout = "300ms"
+        [[routes]]
+        path = "/"
+        targets = ["http://{addr}"]
+        "#
+    ))
+    .await;
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let answered = tokio::time::Instant::now();
+        // Then silence until the gateway closes its end (bounded).
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the idle connection was closed within 5 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "EOF expected");
+        answered.elapsed()
+    });
+    let r = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let idle_for = upstream.await.unwrap();
+    assert!(
+        idle_for >= std::time::Duration::from_millis(250),
+        "closed after {idle_for:?}"
+    );
+}

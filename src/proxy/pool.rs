@@ -3,6 +3,9 @@
 //! hash or lock (TLS, h2c, upgrades and host names use the general client).
 
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
@@ -27,13 +30,20 @@ pub struct IdleConns {
 struct Idle {
     sender: http1::SendRequest<RequestBody>,
     since_ms: u64,
+    last_used: Arc<AtomicU64>,
 }
+
+/// `last_used` while a request is on the connection.
+const BUSY: u64 = u64::MAX;
 
 /// A connection in use; give it back with [`Reuse::release`] once its response has ended.
 #[derive(Debug)]
 pub struct Reuse {
     sender: http1::SendRequest<RequestBody>,
-    state: std::sync::Arc<EndpointState>,
+    state: Arc<EndpointState>,
+    /// When the connection last finished a request (`clock::now_ms`), or `BUSY`; its task
+    /// closes it after `idle_timeout` without use.
+    last_used: Arc<AtomicU64>,
 }
 
 impl Reuse {
@@ -42,10 +52,13 @@ impl Reuse {
         if self.sender.is_closed() {
             return;
         }
+        let now = crate::clock::now_ms();
+        self.last_used.store(now, Ordering::Relaxed);
         if let Some(idle) = self.state.idle_conns.get() {
             let _ = idle.queue.push(Idle {
                 sender: self.sender,
-                since_ms: crate::clock::now_ms(),
+                since_ms: now,
+                last_used: self.last_used,
             });
         }
     }
@@ -72,7 +85,7 @@ impl Http1Pool {
     /// Sends `req` (origin-form URI, Host set) on an idle connection to `addr`, or a new one.
     pub async fn send(
         &self,
-        state: &std::sync::Arc<EndpointState>,
+        state: &Arc<EndpointState>,
         addr: SocketAddr,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Reuse), UpstreamError> {
@@ -83,11 +96,13 @@ impl Http1Pool {
         while let Some(Idle {
             mut sender,
             since_ms,
+            last_used,
         }) = idle.queue.pop()
         {
             if sender.is_closed() || now.saturating_sub(since_ms) > self.idle_timeout_ms {
                 continue;
             }
+            last_used.store(BUSY, Ordering::Relaxed);
             // Given back as its response ended; the connection's task may not have caught up.
             if sender.ready().await.is_err() {
                 continue;
@@ -97,6 +112,7 @@ impl Http1Pool {
                     let reuse = Reuse {
                         sender,
                         state: state.clone(),
+                        last_used,
                     };
                     return Ok((resp, reuse));
                 }
@@ -107,7 +123,7 @@ impl Http1Pool {
                 },
             }
         }
-        let mut sender = self.connect(addr).await?;
+        let (mut sender, last_used) = self.connect(addr).await?;
         let resp = sender
             .send_request(req)
             .await
@@ -115,6 +131,7 @@ impl Http1Pool {
         let reuse = Reuse {
             sender,
             state: state.clone(),
+            last_used,
         };
         Ok((resp, reuse))
     }
@@ -122,7 +139,7 @@ impl Http1Pool {
     async fn connect(
         &self,
         addr: SocketAddr,
-    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    ) -> Result<(http1::SendRequest<RequestBody>, Arc<AtomicU64>), UpstreamError> {
         let stream =
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => s,
@@ -141,11 +158,44 @@ impl Http1Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
+        let last_used = Arc::new(AtomicU64::new(BUSY));
+        tokio::spawn(drive(conn, last_used.clone(), self.idle_timeout_ms));
+        Ok((sender, last_used))
+    }
+}
+
+/// Runs a connection until it closes, or until it has been idle for `idle_timeout_ms` (then
+/// dropping it closes the socket; its handle in the idle queue reports closed).
+async fn drive(
+    conn: http1::Connection<TokioIo<TcpStream>, RequestBody>,
+    last_used: Arc<AtomicU64>,
+    idle_timeout_ms: u64,
+) {
+    let mut conn = pin!(conn);
+    if idle_timeout_ms == 0 {
+        // Nothing is kept idle: the checkout drops every handle it finds.
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+        return;
+    }
+    let mut wait = idle_timeout_ms;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+                return;
             }
-        });
-        Ok(sender)
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {
+                let used = last_used.load(Ordering::Relaxed);
+                let idle_for = crate::clock::now_ms().saturating_sub(used);
+                if used != BUSY && idle_for >= idle_timeout_ms {
+                    return;
+                }
+                wait = if used == BUSY { idle_timeout_ms } else { idle_timeout_ms - idle_for };
+            }
+        }
     }
 }
