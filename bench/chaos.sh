@@ -29,6 +29,8 @@ BUILD=1
 OUT=""
 PORT_BASE=""
 MESHGATE_BIN="${MESHGATE_BIN:-}"
+# Not passed on: meshgate reads MESHGATE_* variables as configuration ("bin: unknown key").
+export -n MESHGATE_BIN
 MOCK_BIN="${MOCK_BIN:-}"
 PIN=0
 

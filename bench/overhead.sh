@@ -31,6 +31,8 @@ BUILD=1
 OUT=""
 LG_CPU=""; PROXY_CPU=""
 MESHGATE_BIN="${MESHGATE_BIN:-}"
+# Not passed on: meshgate reads MESHGATE_* variables as configuration ("bin: unknown key").
+export -n MESHGATE_BIN
 
 usage() {
   cat <<EOF

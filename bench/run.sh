@@ -36,6 +36,8 @@ QUICK=0
 LG_CPU=""; PROXY_CPU=""; BACKEND_CPU=""
 PAUSE=1             # idle seconds between load runs
 MESHGATE_BIN="${MESHGATE_BIN:-}"
+# Not passed on: meshgate reads MESHGATE_* variables as configuration ("bin: unknown key").
+export -n MESHGATE_BIN
 CMDLINE="bench/run.sh${*:+ $*}"
 
 usage() {
