@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::gateway::start;
+use support::gateway::{start_in_front_of, TestGateway};
 use support::upstream::TestUpstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -67,17 +67,17 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     }
 }
 
-async fn gateway(up: &TestUpstream, server: &str) -> support::gateway::TestGateway {
-    start(&format!(
-        r#"
-        [server]
-        {server}
-        [[routes]]
-        path = "/"
-        targets = ["{}"]
-        "#,
-        up.url()
-    ))
+async fn gateway(up: &TestUpstream, server: &str) -> TestGateway {
+    start_in_front_of(&up.url(), server).await
+}
+
+/// A gateway whose hyper header timer (150 ms) is far shorter than its keep-alive timeout.
+async fn short_header_timer(up: &TestUpstream) -> TestGateway {
+    gateway(
+        up,
+        r#"header_read_timeout = "150ms"
+        keep_alive_timeout = "30s""#,
+    )
     .await
 }
 
@@ -98,12 +98,7 @@ async fn an_idle_connection_outlives_the_header_timeout_and_serves_the_next_requ
         .await;
     // hyper's header timer runs while hyper waits for a next request; the gateway gives the
     // socket back to its own idle wait instead, where only keep_alive_timeout applies.
-    let gw = gateway(
-        &up,
-        r#"header_read_timeout = "150ms"
-        keep_alive_timeout = "30s""#,
-    )
-    .await;
+    let gw = short_header_timer(&up).await;
     let mut s = connect(gw.addr).await;
     let mut buf = Vec::new();
     s.write_all(&get("/a")).await.unwrap();
@@ -124,12 +119,7 @@ async fn an_idle_connection_outlives_the_header_timeout_and_serves_the_next_requ
 #[tokio::test]
 async fn a_busy_connection_that_goes_quiet_is_handed_back_too() {
     let up = TestUpstream::builder().route("/a", 200, "a").start().await;
-    let gw = gateway(
-        &up,
-        r#"header_read_timeout = "150ms"
-        keep_alive_timeout = "30s""#,
-    )
-    .await;
+    let gw = short_header_timer(&up).await;
     let mut s = connect(gw.addr).await;
     let mut buf = Vec::new();
     // Back-to-back requests: hyper keeps the connection between them...

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::gateway::{client, eventually, start, TestGateway};
+use support::gateway::{client, eventually, start_in_front_of, TestGateway};
 use support::upstream::TestUpstream;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -24,17 +24,7 @@ async fn slow_gateway(server: &str) -> (TestGateway, TestUpstream) {
         .delay("/stuck", Duration::from_secs(3))
         .start()
         .await;
-    let gw = start(&format!(
-        r#"
-        [server]
-        {server}
-        [[routes]]
-        path = "/"
-        targets = ["{}"]
-        "#,
-        up.url()
-    ))
-    .await;
+    let gw = start_in_front_of(&up.url(), server).await;
     (gw, up)
 }
 

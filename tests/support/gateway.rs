@@ -39,6 +39,21 @@ pub async fn start(toml: &str) -> TestGateway {
     start_config(config).await
 }
 
+/// A gateway with one catch-all route to `upstream` (a URL) and `server` as its `[server]`
+/// section (TOML lines, may be empty).
+pub async fn start_in_front_of(upstream: &str, server: &str) -> TestGateway {
+    start(&format!(
+        r#"
+        [server]
+        {server}
+        [[routes]]
+        path = "/"
+        targets = ["{upstream}"]
+        "#
+    ))
+    .await
+}
+
 /// Starts the gateway from a built config.
 pub async fn start_config(config: Config) -> TestGateway {
     start_gateway(Gateway::build(config).unwrap()).await
