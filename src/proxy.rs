@@ -152,14 +152,20 @@ async fn route_request(
     {
         return crate::admin::respond(state, &req);
     }
-    let normalised = remove_dot_segments(raw_path);
-    let path = normalised.as_deref().unwrap_or(raw_path).to_owned();
+    // The path outlives `req` (moved upstream below): a clone of the URI's path is a reference
+    // count, so only a path that had dot segments to remove is a new string.
+    let uri_path = req.uri().path_and_query().cloned();
+    let path: std::borrow::Cow<'_, str> = match remove_dot_segments(raw_path) {
+        Some(normalised) => normalised.into(),
+        None => uri_path.as_ref().map_or("", |pq| pq.path()).into(),
+    };
     let table = state.table.load();
     let Some(route) = table.find(&path).cloned() else {
         state
             .metrics
             .no_route
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = path.into_owned();
         return error_response(&ProxyError::NoRoute { path }, None, request_id);
     };
     drop(table);

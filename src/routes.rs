@@ -93,10 +93,9 @@ pub fn remove_dot_segments(path: &str) -> Option<String> {
     let is_dot = |s: &str| s == "." || s.eq_ignore_ascii_case("%2e");
     let is_dotdot = |s: &str| {
         s == ".."
-            || (s.len() >= 2 && s.len() <= 6 && {
-                let l = s.to_ascii_lowercase();
-                l == ".%2e" || l == "%2e." || l == "%2e%2e"
-            })
+            || [".%2e", "%2e.", "%2e%2e"]
+                .iter()
+                .any(|d| s.eq_ignore_ascii_case(d))
     };
     if !path.split('/').any(|s| is_dot(s) || is_dotdot(s)) {
         return None;
