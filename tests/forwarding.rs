@@ -287,3 +287,54 @@ async fn an_idle_upstream_connection_is_closed_after_idle_timeout() {
         "closed after {idle_for:?}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_whose_chunked_response_ended_is_reused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A bare upstream answering every request with a chunked body (no Content-Length: the
+    // body's end is only known from its last chunk), counting the connections it accepts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                loop {
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                            3\r\nchu\r\n4\r\nnked\r\n0\r\n\r\n";
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        path = "/"
+        targets = ["http://{addr}"]
+        "#
+    ))
+    .await;
+    let c = client();
+    for _ in 0..20 {
+        let r = c.get(gw.url("/c")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "chunked");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}

@@ -335,20 +335,20 @@ impl ResponseBody {
                     }
                 }
                 let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
-                match &frame {
-                    // Ended: the connection can take the next request now.
-                    Some(Ok(_)) if body.is_end_stream() => {
-                        if let Some(r) = reuse.take() {
-                            r.release();
-                        }
+                // A chunked body ends with `None`; one with a known length may already report
+                // its end with its last frame (and hyper may not poll it again).
+                let ended = match &frame {
+                    None => true,
+                    Some(Ok(_)) => body.is_end_stream(),
+                    Some(Err(_)) => {
+                        *reuse = None;
+                        false
                     }
-                    None => {
-                        if let Some(r) = reuse.take() {
-                            r.release();
-                        }
+                };
+                if ended {
+                    if let Some(r) = reuse.take() {
+                        r.release();
                     }
-                    Some(Err(_)) => *reuse = None,
-                    Some(Ok(_)) => {}
                 }
                 if let Some(Err(_)) = &frame {
                     if let Some((l, _)) = hold.as_ref() {

@@ -29,7 +29,7 @@ pub struct IdleConns {
 #[derive(Debug)]
 struct Idle {
     sender: http1::SendRequest<RequestBody>,
-    since_ms: u64,
+    /// When it was given back (see [`Reuse::last_used`]).
     last_used: Arc<AtomicU64>,
 }
 
@@ -52,12 +52,11 @@ impl Reuse {
         if self.sender.is_closed() {
             return;
         }
-        let now = crate::clock::now_ms();
-        self.last_used.store(now, Ordering::Relaxed);
+        self.last_used
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
         if let Some(idle) = self.state.idle_conns.get() {
             let _ = idle.queue.push(Idle {
                 sender: self.sender,
-                since_ms: now,
                 last_used: self.last_used,
             });
         }
@@ -65,7 +64,7 @@ impl Reuse {
 }
 
 /// Connection settings for the pooled HTTP/1.1 path.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Http1Pool {
     connect_timeout: Duration,
     idle_timeout_ms: u64,
@@ -95,11 +94,11 @@ impl Http1Pool {
         let now = crate::clock::now_ms();
         while let Some(Idle {
             mut sender,
-            since_ms,
             last_used,
         }) = idle.queue.pop()
         {
-            if sender.is_closed() || now.saturating_sub(since_ms) > self.idle_timeout_ms {
+            let idle_for = now.saturating_sub(last_used.load(Ordering::Relaxed));
+            if sender.is_closed() || idle_for > self.idle_timeout_ms {
                 continue;
             }
             last_used.store(BUSY, Ordering::Relaxed);
