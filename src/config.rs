@@ -252,6 +252,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// How long an idle keep-alive connection waits for its next request.
     pub keep_alive_timeout: Duration,
+    /// The longest silence between two reads of a request body.
+    pub body_read_timeout: Duration,
     /// Most concurrent downstream connections.
     pub max_connections: usize,
     /// How long `/ready` fails before the listener closes on shutdown.
@@ -867,6 +869,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             &raw.server.header_read_timeout,
         ),
         keep_alive_timeout: c.duration("server.keep_alive_timeout", &raw.server.keep_alive_timeout),
+        body_read_timeout: c.duration("server.body_read_timeout", &raw.server.body_read_timeout),
         max_connections: c.count("server.max_connections", raw.server.max_connections, 1),
         drain_delay: c.duration("server.drain_delay", &raw.server.drain_delay),
         grace_period: c.duration("server.grace_period", &raw.server.grace_period),

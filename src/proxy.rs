@@ -19,13 +19,12 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, ORIGIN};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::admin::AdminState;
 use crate::discovery::registry::ServiceEntry;
 use crate::routes::{remove_dot_segments, Route, RouteTable};
 use crate::telemetry::{self, BodyTap, RequestLog};
-pub use body::{RequestBody, ResponseBody};
+pub use body::{ClientBody, RequestBody, ResponseBody};
 pub use cors::CorsConfig;
 pub use error::ProxyError;
 use forward::{Downstream, UpstreamClient};
@@ -71,7 +70,7 @@ pub struct ProxyState {
 /// Handles one downstream request. Never fails: every error becomes a response.
 pub async fn handle(
     state: &ProxyState,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
 ) -> Response<ResponseBody> {
@@ -92,7 +91,7 @@ pub async fn handle(
 
 async fn handle_inner(
     state: &ProxyState,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
 ) -> Response<ResponseBody> {
@@ -138,7 +137,7 @@ async fn handle_inner(
 
 async fn route_request(
     state: &ProxyState,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
     request_id: &HeaderValue,
@@ -203,7 +202,7 @@ async fn route_request(
             resp
         }
         Err(e) => {
-            route.record(true);
+            route.record(!e.is_client_fault());
             // Inside the request's span, so a traced request carries its failure as an event.
             let entered = span.enter();
             log_error(&e, &route);
@@ -222,7 +221,8 @@ fn log_error(e: &ProxyError, route: &Route) {
         ProxyError::NoRoute { .. }
         | ProxyError::BodyTooLarge { .. }
         | ProxyError::InvalidRequest { .. }
-        | ProxyError::ClientBody { .. } => {
+        | ProxyError::ClientBody { .. }
+        | ProxyError::ClientTimeout { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
         ProxyError::NoEndpoint { .. } | ProxyError::Overloaded { .. } => {

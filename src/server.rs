@@ -145,13 +145,30 @@ pub async fn serve(
         let conn_state = state.clone();
         let state = state.clone();
         let shared = conn::ConnShared::new(plain.quiet);
+        let body_read_timeout = cfg.body_read_timeout;
         let service = {
             let shared = shared.clone();
             service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 let mark = shared.begin(&req);
+                let version = req.version();
+                let (parts, body) = req.into_parts();
+                let (body, end) = proxy::ClientBody::new(body, body_read_timeout);
+                let req = Request::from_parts(parts, body);
+                let shared = shared.clone();
                 async move {
-                    let resp = dispatch(&state, role, req, peer).await;
+                    let mut resp = dispatch(&state, role, req, peer).await;
+                    if end.is_some_and(|end| !end.load(std::sync::atomic::Ordering::Acquire)) {
+                        // Answered before the body was read to its end: what follows on the
+                        // socket is body, never a request. Close, reading out the rest first.
+                        shared.end_unread();
+                        if version <= http::Version::HTTP_11 {
+                            resp.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("close"),
+                            );
+                        }
+                    }
                     Ok::<_, Infallible>(resp.map(|b| b.hold_connection(mark)))
                 }
             })
@@ -223,7 +240,7 @@ pub async fn serve(
 async fn dispatch(
     state: &ProxyState,
     role: Role,
-    req: Request<Incoming>,
+    req: Request<proxy::ClientBody>,
     peer: SocketAddr,
 ) -> hyper::Response<proxy::ResponseBody> {
     match role {

@@ -57,6 +57,52 @@ async fn per_try_timeout_moves_a_slow_attempt_to_another_endpoint() {
     assert_eq!(slow.hits_on("/x"), 1);
 }
 
+/// Envoy's users expect `reset` (in the default `retry.on`) to cover an attempt that did not
+/// answer in time: with two slow endpoints, both are tried within the route's `timeout`, and
+/// the request ends with 504 when that runs out.
+#[tokio::test]
+async fn default_retry_on_moves_a_per_try_timeout_to_the_other_endpoint() {
+    let c = client();
+    let slow = || {
+        TestUpstream::builder()
+            .delay("/x", Duration::from_secs(3))
+            .start()
+    };
+    let (a, b) = (slow().await, slow().await);
+    let gw = start(&format!(
+        r#"
+        [discovery.static.services]
+        svc = ["{}", "{}"]
+        [[routes]]
+        path = "/x"
+        service = "svc"
+        timeout = "1s"
+        retry = {{ attempts = 3, per_try_timeout = "400ms", backoff = "10ms", max_backoff = "10ms" }}
+        "#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let started = Instant::now();
+    let resp = c.get(gw.url("/x")).send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    // Three attempts of 400 ms within 1 s: both endpoints tried, the third cut by the timeout.
+    assert!(
+        a.hits_on("/x") >= 1 && b.hits_on("/x") >= 1,
+        "both endpoints tried"
+    );
+    assert_eq!(a.hits_on("/x") + b.hits_on("/x"), 3);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
+        "the route's timeout ends the request: took {took:?}"
+    );
+    // A POST (not safe to resend) is not moved.
+    let resp = c.post(gw.url("/x")).body("x").send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(a.hits_on("/x") + b.hits_on("/x"), 4);
+}
+
 #[tokio::test]
 async fn per_try_timeout_without_timeout_retries_is_a_504() {
     let c = client();
@@ -70,7 +116,7 @@ async fn per_try_timeout_without_timeout_retries_is_a_504() {
         path = "/x"
         targets = ["{}"]
         timeout = "2s"
-        retry = {{ per_try_timeout = "100ms" }}
+        retry = {{ per_try_timeout = "100ms", on = ["connect-failure", "502", "503", "504"] }}
         "#,
         slow.url()
     ))

@@ -154,6 +154,8 @@ pub struct RawServer {
     pub header_read_timeout: String,
     /// How long an idle keep-alive connection waits for its next request. Default `60s`.
     pub keep_alive_timeout: String,
+    /// The longest silence between two reads of a request body; then 408. Default `30s`.
+    pub body_read_timeout: String,
     /// Most concurrent downstream connections; further ones wait in the accept queue. Default 10000.
     pub max_connections: i64,
     /// On shutdown, how long `/ready` fails before the listener closes. Default `5s`.
@@ -171,6 +173,7 @@ impl Default for RawServer {
             max_header_bytes: RawSize::Text("64KiB".into()),
             header_read_timeout: "10s".into(),
             keep_alive_timeout: "60s".into(),
+            body_read_timeout: "30s".into(),
             max_connections: 10_000,
             drain_delay: "5s".into(),
             grace_period: "30s".into(),

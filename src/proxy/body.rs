@@ -1,13 +1,14 @@
-//! Body wrappers: the request body (streamed, or kept whole for replay) with its size limit, and
-//! the response body that holds the endpoint lease and concurrency permit until the last byte,
-//! so least-connections and `max_requests` see streaming responses.
+//! Body wrappers: the client's body as read from the socket (read timeout, end-of-body flag), the
+//! request body sent upstream (streamed, or kept whole for replay) with its size limit, and the
+//! response body that holds the endpoint lease and permit until the last byte.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -17,6 +18,140 @@ use tokio::time::Sleep;
 
 use crate::balancer::Lease;
 use crate::telemetry::BodyTap;
+
+/// Why reading the client's body failed: always the client's fault, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// The body's framing is invalid (a malformed chunk, a bad trailer).
+    #[error("malformed request body")]
+    Malformed(#[source] hyper::Error),
+    /// The client closed or reset the connection before the body ended.
+    #[error("the client went away before the body ended")]
+    Aborted(#[source] hyper::Error),
+    /// The client sent nothing for `server.body_read_timeout`.
+    #[error("no body bytes for {after:?}")]
+    Stalled {
+        /// The timeout.
+        after: Duration,
+    },
+}
+
+impl ClientBodyError {
+    fn from_hyper(e: hyper::Error) -> Self {
+        // hyper reports a body cut short as an unexpected EOF (or an incomplete message);
+        // every other decoding failure is a framing error.
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut eof = e.is_incomplete_message();
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                eof |= matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                );
+            }
+            cur = err.source();
+        }
+        if eof {
+            Self::Aborted(e)
+        } else {
+            Self::Malformed(e)
+        }
+    }
+}
+
+/// Set once a client's body has been read to its end (shared between the body and the
+/// connection, which must not be reused while the body is unread).
+pub type BodyEnd = Arc<AtomicBool>;
+
+/// The client's request body as the server read it: bounded silences between reads, and a
+/// flag raised at its end. Bodies that are empty from the start carry no flag (nothing to read).
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    /// The longest silence allowed between two reads.
+    read_timeout: Duration,
+    /// Armed while a read is pending; boxed and made only for bodies that wait.
+    idle: Option<Pin<Box<Sleep>>>,
+    end: Option<BodyEnd>,
+}
+
+impl ClientBody {
+    /// Wraps a body from hyper. The flag is returned when there is a body left to read.
+    pub fn new(inner: Incoming, read_timeout: Duration) -> (Self, Option<BodyEnd>) {
+        let end = (!inner.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let body = Self {
+            inner,
+            read_timeout,
+            idle: None,
+            end: end.clone(),
+        };
+        (body, end)
+    }
+
+    /// The flag raised at the body's end; `None` when there was no body to read.
+    pub fn end_flag(&self) -> Option<&BodyEnd> {
+        self.end.as_ref()
+    }
+
+    fn ended(&mut self) {
+        if let Some(end) = self.end.take() {
+            end.store(true, Ordering::Release);
+        }
+        self.idle = None;
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.inner.is_end_stream() {
+                    this.ended();
+                } else if let Some(idle) = &mut this.idle {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + this.read_timeout);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.idle = None;
+                Poll::Ready(Some(Err(ClientBodyError::from_hyper(e))))
+            }
+            Poll::Ready(None) => {
+                this.ended();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let after = this.read_timeout;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Stalled { after }))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Why a request body stopped.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +164,7 @@ pub enum RequestBodyError {
     },
     /// Reading from the client failed.
     #[error("reading the request body")]
-    Read(#[from] hyper::Error),
+    Read(#[from] ClientBodyError),
 }
 
 /// The client's body on its way upstream: chunks already read (kept for replay, or read ahead
@@ -37,7 +172,7 @@ pub enum RequestBodyError {
 #[derive(Debug, Default)]
 pub struct RequestBody {
     buffered: VecDeque<Bytes>,
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     limit: Option<u64>,
     seen: u64,
     /// Counts bytes streamed from the client, for the access log (set only when it is on).
@@ -46,7 +181,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     /// Streams a client body; `limit` ends the stream with an error once exceeded.
-    pub fn streaming(inner: Incoming, limit: Option<u64>) -> Self {
+    pub fn streaming(inner: ClientBody, limit: Option<u64>) -> Self {
         Self {
             buffered: VecDeque::new(),
             inner: Some(inner),
@@ -74,7 +209,7 @@ impl RequestBody {
     /// Returns `Ok(chunks)` when the whole body fit (it can be replayed), or a streaming body
     /// that starts with what was read when it did not.
     pub async fn read_up_to(
-        mut inner: Incoming,
+        mut inner: ClientBody,
         keep: u64,
         limit: Option<u64>,
     ) -> Result<Result<Vec<Bytes>, Self>, RequestBodyError> {
@@ -103,6 +238,11 @@ impl RequestBody {
             }
         }
         Ok(Ok(chunks))
+    }
+
+    /// The client body's end flag: `None` when nothing is left to read from the client.
+    pub fn end_flag(&self) -> Option<BodyEnd> {
+        self.inner.as_ref().and_then(|b| b.end_flag().cloned())
     }
 
     /// Adds the body's bytes to `tally`: those already read now, the rest as they stream.

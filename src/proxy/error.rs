@@ -7,6 +7,10 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::StatusCode;
 
+use super::body::{ClientBodyError, RequestBodyError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why an upstream request failed, from either client (the general one, or the pooled
 /// HTTP/1.1 path of `pool.rs`).
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +93,21 @@ pub enum ProxyError {
         /// The service.
         service: Arc<str>,
     },
-    /// Reading the client's body failed before it could be sent.
+    /// The client's body is malformed (bad chunked framing); the client's fault.
     #[error("reading the request body failed")]
     ClientBody {
-        /// Why.
+        /// Why: a [`ClientBodyError`], alone or inside the upstream request's failure.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
+    },
+    /// The client did not finish its body in time, or went away before its end; the client's
+    /// fault, never charged to the upstream.
+    #[error("the request body did not arrive in time")]
+    ClientTimeout {
+        /// Why: stalled or aborted (a [`ClientBodyError`], alone or inside the upstream
+        /// request's failure), or `None` when the route's timeout ran out while reading.
+        #[source]
+        source: Option<BoxError>,
     },
     /// The upstream request could not be built from the client's request.
     #[error("invalid upstream request")]
@@ -106,6 +119,34 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The client's fault when `err` (or an error in its source chain) says the request body
+    /// failed on the client's side; `None` when the fault is elsewhere.
+    pub fn client_fault<E>(err: E) -> Result<Self, E>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        while let Some(e) = cur {
+            match e.downcast_ref::<RequestBodyError>() {
+                Some(RequestBodyError::TooLarge { limit }) => {
+                    return Ok(Self::BodyTooLarge { limit: *limit })
+                }
+                Some(RequestBodyError::Read(ClientBodyError::Malformed(_))) => {
+                    return Ok(Self::ClientBody {
+                        source: Box::new(err),
+                    })
+                }
+                Some(RequestBodyError::Read(_)) => {
+                    return Ok(Self::ClientTimeout {
+                        source: Some(Box::new(err)),
+                    })
+                }
+                None => cur = e.source(),
+            }
+        }
+        Err(err)
+    }
+
     /// The status the client gets. Exhaustive on purpose: a new variant forces a decision.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -115,6 +156,24 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest { .. } | Self::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            Self::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The client caused this (its request or its body), so no endpoint or route health
+    /// figure may count it. Exhaustive on purpose, like `status`.
+    pub fn is_client_fault(&self) -> bool {
+        match self {
+            Self::NoRoute { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::ClientBody { .. }
+            | Self::ClientTimeout { .. }
+            | Self::InvalidRequest { .. } => true,
+            Self::NoEndpoint { .. }
+            | Self::Overloaded { .. }
+            | Self::Connect { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::Upstream { .. } => false,
         }
     }
 
@@ -140,7 +199,8 @@ impl ProxyError {
             Self::Overloaded { service } => {
                 format!("service {service} is at its concurrency limit; retry later")
             }
-            Self::ClientBody { .. } => "the request body could not be read".into(),
+            Self::ClientBody { .. } => "the request body is malformed".into(),
+            Self::ClientTimeout { .. } => "the request body did not arrive in time".into(),
         }
     }
 }
@@ -168,6 +228,7 @@ mod tests {
                 504,
             ),
             (ProxyError::BodyTooLarge { limit: 1 }, 413),
+            (ProxyError::ClientTimeout { source: None }, 408),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

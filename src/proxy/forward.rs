@@ -9,14 +9,13 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use super::body::{RequestBody, RequestBodyError, ResponseBody};
+use super::body::{ClientBody, RequestBody, RequestBodyError, ResponseBody};
 use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::retry::is_idempotent;
@@ -157,7 +156,7 @@ pub async fn forward(
     client: &UpstreamClient,
     http1: &super::pool::Http1Pool,
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     path: &str,
     mut down: Downstream<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -189,17 +188,20 @@ pub async fn forward(
     let policy = &route.retry;
     let safe_to_resend =
         is_idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    // Raised once the client's body has been read to its end; a timeout before then is the
+    // client's (a slow upload), not the upstream's.
+    let body_end = body.end_flag().cloned();
     let mut payload = if hyper::body::Body::is_end_stream(&body) {
         Payload::Replayable(Vec::new())
     } else if policy.attempts > 1 && declared.is_none_or(|n| n <= policy.max_body) {
         // Small bodies are read first so that any attempt can send them (Envoy does the same).
-        match RequestBody::read_up_to(body, policy.max_body, route.max_body).await {
-            Ok(Ok(chunks)) => Payload::Replayable(chunks),
-            Ok(Err(stream)) => Payload::Stream(Some(stream)),
-            Err(RequestBodyError::TooLarge { limit }) => {
-                return Err(ProxyError::BodyTooLarge { limit })
-            }
-            Err(RequestBodyError::Read(source)) => return Err(ProxyError::ClientBody { source }),
+        // The route's timeout bounds the read: a drip-fed body gets 408 without an upstream.
+        let read = RequestBody::read_up_to(body, policy.max_body, route.max_body);
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(Ok(chunks))) => Payload::Replayable(chunks),
+            Ok(Ok(Err(stream))) => Payload::Stream(Some(stream)),
+            Ok(Err(e)) => return Err(ProxyError::client_fault(e).unwrap_or_else(unreachable_fault)),
+            Err(_) => return Err(ProxyError::ClientTimeout { source: None }),
         }
     } else {
         Payload::Stream(Some(RequestBody::streaming(body, route.max_body)))
@@ -402,10 +404,14 @@ pub async fn forward(
                 }));
             }
             Ok(Err(source)) => {
+                // A request that failed because the client's body did: the client's fault,
+                // charged to no endpoint and not retried. Its upstream connection is dropped
+                // with the failed request, never pooled.
+                let source = match ProxyError::client_fault(source) {
+                    Ok(e) => return Err(e),
+                    Err(source) => source,
+                };
                 lease.record_failure();
-                if let Some(limit) = body_limit_hit(&source) {
-                    return Err(ProxyError::BodyTooLarge { limit });
-                }
                 route.pool.report(&ep, Outcome::GatewayFailure);
                 if source.is_connect() {
                     let e = ProxyError::Connect {
@@ -422,6 +428,13 @@ pub async fn forward(
                 }
             }
             Err(_) => {
+                if body_end
+                    .as_ref()
+                    .is_some_and(|end| !end.load(Ordering::Acquire))
+                {
+                    // The upstream could not answer a body that had not fully arrived.
+                    return Err(ProxyError::ClientTimeout { source: None });
+                }
                 lease.record_failure();
                 route.pool.report(&ep, Outcome::GatewayFailure);
                 let after = if try_deadline < deadline {
@@ -440,7 +453,13 @@ pub async fn forward(
             && match failure {
                 Failure::Connect => policy.on.connect_failure,
                 Failure::Reset => policy.on.reset && safe_to_resend,
-                Failure::Timeout => policy.on.timeout && safe_to_resend && try_deadline < deadline,
+                // Envoy's `reset` covers an upstream that did not answer in time; `timeout`
+                // names the per-try timeout alone.
+                Failure::Timeout => {
+                    (policy.on.timeout || policy.on.reset)
+                        && safe_to_resend
+                        && try_deadline < deadline
+                }
             };
         if !retryable {
             if attempt > 1 {
@@ -495,14 +514,9 @@ fn upstream_path(
     pq.map_err(|e| ProxyError::InvalidRequest { source: e.into() })
 }
 
-/// The route's limit when the upstream request failed because the client body exceeded it.
-fn body_limit_hit(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(RequestBodyError::TooLarge { limit }) = e.downcast_ref::<RequestBodyError>() {
-            return Some(*limit);
-        }
-        cur = e.source();
+/// `read_up_to` fails only on the client's side; kept total in case that ever changes.
+fn unreachable_fault(e: RequestBodyError) -> ProxyError {
+    ProxyError::ClientBody {
+        source: Box::new(e),
     }
-    None
 }

@@ -11,7 +11,8 @@ use http::Method;
 pub struct RetryOn {
     /// The connection failed before anything was sent: retried whatever the method.
     pub connect_failure: bool,
-    /// The connection broke after the request was sent.
+    /// The connection broke after the request was sent, or (as in Envoy) the attempt did not
+    /// answer within its `per_try_timeout`.
     pub reset: bool,
     /// An attempt's `per_try_timeout` expired.
     pub timeout: bool,

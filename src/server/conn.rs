@@ -42,6 +42,9 @@ pub struct ConnShared {
     hot: AtomicBool,
     /// [`Plain::quiet`] in milliseconds.
     quiet_ms: u64,
+    /// A request was answered before its body was read to the end: the connection closes
+    /// after the answer, and what the client still sends is read and discarded first.
+    unread: AtomicBool,
 }
 
 /// How long a busy connection must be quiet before its buffers are released; also what
@@ -75,6 +78,13 @@ impl ConnShared {
             self.reusable.store(false, Ordering::Relaxed);
         }
         RequestMark(self.clone())
+    }
+
+    /// Marks the connection as carrying an unread request body: it must end after the
+    /// current answer and never be handed back for another request.
+    pub fn end_unread(&self) {
+        self.unread.store(true, Ordering::Relaxed);
+        self.reusable.store(false, Ordering::Relaxed);
     }
 
     /// True when every request started since `started_before` has finished and none of them
@@ -286,6 +296,13 @@ where
         })
         .await?;
         if draining || !shared.releasing.load(Ordering::Relaxed) {
+            if shared.unread.load(Ordering::Relaxed) {
+                if let Some(parts) = Pin::into_inner(conn).into_parts() {
+                    let io = parts.io.into_inner();
+                    // Boxed: a rare state must not size every connection's task.
+                    or_cancelled(shutdown, Box::pin(linger(io.stream))).await;
+                }
+            }
             return Ok(());
         }
         // None: the connection was upgraded and now belongs to the upgrade.
@@ -302,6 +319,25 @@ where
                 // Shutdown, closed by the client, a read error, or idle too long.
                 _ => return Ok(()),
             };
+        }
+    }
+}
+
+/// Lingering close (as nginx's `lingering_close`): after an answer that left the request body
+/// unread, hyper has written the answer and shut down the write side; the rest of the body is
+/// read and discarded so that closing does not reset the connection before the client has read
+/// the answer. Bounded: a pause of `LINGER_PAUSE`, `LINGER_TIME` in all, or `LINGER_BYTES`.
+async fn linger(stream: TcpStream) {
+    const LINGER_PAUSE: Duration = Duration::from_secs(2);
+    const LINGER_TIME: Duration = Duration::from_secs(30);
+    const LINGER_BYTES: usize = 16 << 20;
+    let until = tokio::time::Instant::now() + LINGER_TIME;
+    let mut discarded = 0usize;
+    while discarded < LINGER_BYTES {
+        let next = tokio::time::Instant::now() + LINGER_PAUSE;
+        match tokio::time::timeout_at(next.min(until), read_some(&stream)).await {
+            Ok(Ok(Some(bytes))) => discarded += bytes.len(),
+            _ => break,
         }
     }
 }

@@ -6,4 +6,5 @@ pub mod gateway;
 pub mod h2;
 pub mod upstream;
 pub mod util;
+pub mod wire;
 pub mod ws;
