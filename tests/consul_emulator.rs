@@ -158,6 +158,43 @@ async fn blocking_query_returns_on_change_and_not_before() {
 }
 
 #[tokio::test]
+async fn held_answers_carry_the_data_of_their_moment_and_go_on_release() {
+    let consul = ConsulEmulator::start_with(fast_options()).await;
+    consul.register(Registration::new("web-1", "web", "10.0.0.1", 8080));
+    let c = client();
+    let hold = consul.hold_answers("/v1/health/service/web");
+    let mut held = tokio::spawn(get(
+        c.clone(),
+        format!("{}/v1/health/service/web", consul.url()),
+    ));
+    timeout(LIMIT, consul.until_held(1))
+        .await
+        .expect("the answer is held");
+    // Other paths are not held.
+    let other = get(c.clone(), format!("{}/v1/catalog/services", consul.url())).await;
+    assert_eq!(other.status, 200);
+    consul.deregister("web-1");
+    assert!(
+        timeout(Duration::from_millis(100), &mut held)
+            .await
+            .is_err(),
+        "answered while held"
+    );
+    hold.release();
+    let answer = timeout(LIMIT, held)
+        .await
+        .expect("released")
+        .expect("request task");
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.json()[0]["Service"]["ID"],
+        "web-1",
+        "computed before the hold"
+    );
+    assert_eq!(consul.held_now(), 0);
+}
+
+#[tokio::test]
 async fn blocking_query_returns_current_data_when_the_wait_ends() {
     let consul = ConsulEmulator::start_with(EmulatorOptions {
         default_wait: Duration::from_millis(250),

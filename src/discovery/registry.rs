@@ -2,7 +2,7 @@
 //! pools, routes, Consul watches and health probes, and republishes the route table whenever
 //! the configuration or the tag routes change. Writers serialise on a mutex; requests never see it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -52,6 +52,9 @@ struct Inner {
     notes: Vec<String>,
     pools: BTreeMap<Arc<str>, Arc<ServicePool>>,
     syncs: BTreeMap<Arc<str>, Arc<ServiceSync>>,
+    /// Per Consul service, whether its last health answer listed it ([`ServiceSync::registered`]);
+    /// absent until the first answer. Tag routes are published only while this is `true`.
+    answered: BTreeMap<Arc<str>, bool>,
     routes: BTreeMap<Arc<str>, (RouteConfig, Arc<Route>)>,
     probes: BTreeMap<Arc<str>, Probe>,
     limiters: BTreeMap<Arc<str>, Arc<Limiter>>,
@@ -105,6 +108,7 @@ impl Registry {
                 notes: Vec::new(),
                 pools: BTreeMap::new(),
                 syncs: BTreeMap::new(),
+                answered: BTreeMap::new(),
                 routes: BTreeMap::new(),
                 probes: BTreeMap::new(),
                 limiters: BTreeMap::new(),
@@ -277,6 +281,7 @@ impl Registry {
         // Config routes win over tag routes on the same path or name.
         let mut notes: Vec<String> = inner.notes.clone();
         let mut all: Vec<RouteConfig> = cfg.routes.clone();
+        let mut from_tags: BTreeSet<Arc<str>> = BTreeSet::new();
         for t in &inner.tag_routes {
             if let Some(c) = all.iter().find(|r| r.path == t.path || r.name == t.name) {
                 let note = format!(
@@ -290,6 +295,7 @@ impl Registry {
                 notes.push(note);
                 continue;
             }
+            from_tags.insert(t.name.clone());
             all.push(t.clone());
         }
         for n in notes.iter().skip(inner.notes.len()) {
@@ -365,9 +371,24 @@ impl Registry {
         }
         inner.limiters = limiters;
 
+        // A service that comes back later starts unanswered again.
+        inner.answered.retain(|name, _| {
+            wanted
+                .get(name)
+                .is_some_and(|(source, _, _)| *source == Source::Consul)
+        });
+
         // Routes: an unchanged route keeps its counters and cursor.
         let mut routes = BTreeMap::new();
         for r in &all {
+            // A tag route waits for its service's first health answer (404 until then, not
+            // 503 from an empty pool) and leaves as soon as Consul no longer lists it.
+            let waiting = from_tags.contains(&r.name)
+                && wanted[r.service_name()].0 == Source::Consul
+                && inner.answered.get(r.service_name()) != Some(&true);
+            if waiting {
+                continue;
+            }
             let pool = inner.pools[r.service_name()].clone();
             let limiter = inner.limiters.get(r.service_name()).cloned();
             let live = match inner.routes.get(&r.name) {
@@ -500,11 +521,11 @@ impl Registry {
         let watches: Vec<consul::ServiceWatch> = consul_services
             .iter()
             .map(|name| {
-                let pool = inner.pools[name].clone();
                 let sync = inner.syncs[name].clone();
+                let (me, service, own) = (self.me.clone(), name.clone(), sync.clone());
                 let publish: Box<dyn FnMut(Vec<super::Discovered>) + Send> = Box::new(move |eps| {
-                    if pool.replace(eps) {
-                        tracing::info!(service = %pool.name(), endpoints = pool.snapshot().len(), "pool updated from Consul");
+                    if let Some(registry) = me.upgrade() {
+                        registry.publish_consul(&service, &own, eps);
                     }
                 });
                 (name.clone(), sync, publish)
@@ -518,6 +539,52 @@ impl Registry {
             cancel.clone(),
         ));
         inner.watching = Some((consul_services.to_vec(), cancel));
+    }
+
+    /// Installs a Consul answer for `service` (called by its watch, before the watch marks it
+    /// synced, so /ready implies published) and republishes the routes when one of its tag
+    /// routes appears or leaves.
+    fn publish_consul(
+        &self,
+        service: &Arc<str>,
+        sync: &Arc<ServiceSync>,
+        eps: Vec<super::Discovered>,
+    ) {
+        let registered = sync.registered();
+        let republish = {
+            let mut inner = self.lock();
+            // A watch of a removed service (maybe added again since, with a new sync) is late.
+            if !inner
+                .syncs
+                .get(service)
+                .is_some_and(|s| Arc::ptr_eq(s, sync))
+            {
+                return;
+            }
+            let Some(pool) = inner.pools.get(service).cloned() else {
+                return;
+            };
+            let configured = inner
+                .config
+                .routes
+                .iter()
+                .any(|r| r.service_name() == service);
+            // Gone from Consul and only reachable through tag routes: keep the endpoints, so
+            // the route and its pool leave together in the next swap instead of the route
+            // answering 503 from an emptied pool until then.
+            if registered || configured {
+                if pool.replace(eps) {
+                    tracing::info!(service = %pool.name(), endpoints = pool.snapshot().len(), "pool updated from Consul");
+                }
+            } else {
+                tracing::info!(service = %service, "Consul lists no instance of the service; its tag routes wait for it");
+            }
+            let was = inner.answered.insert(service.clone(), registered);
+            was != Some(registered) && inner.tag_routes.iter().any(|t| t.service_name() == service)
+        };
+        if republish {
+            self.apply(true);
+        }
     }
 
     fn spawn_probes(

@@ -613,6 +613,60 @@ impl ConsulEmulator {
     }
 }
 
+impl ConsulEmulator {
+    /// Holds back every answer to a request whose raw path starts with `path_prefix` until
+    /// the returned [`AnswerHold`] is released or dropped, like a slow link between Consul and
+    /// the client. The answer is computed first (blocking reads: after their block ends), so
+    /// it carries the data of that moment. Requests already waiting are held too.
+    pub fn hold_answers(&self, path_prefix: &str) -> AnswerHold {
+        let id = self
+            .shared
+            .next_hold
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .holds
+            .send_modify(|h| h.push((id, path_prefix.to_owned())));
+        AnswerHold {
+            shared: Arc::clone(&self.shared),
+            id,
+        }
+    }
+
+    /// Answers currently held back by [`ConsulEmulator::hold_answers`].
+    pub fn held_now(&self) -> usize {
+        *self.shared.held.borrow()
+    }
+
+    /// Waits until at least `n` answers are held back at once. Wrap it in a timeout.
+    pub async fn until_held(&self, n: usize) {
+        let mut rx = self.shared.held.subscribe();
+        let _ = rx.wait_for(|h| *h >= n).await;
+    }
+}
+
+/// An active [`ConsulEmulator::hold_answers`]; held answers go out when it is released or
+/// dropped (so a failing test never leaves the client hanging).
+#[derive(Debug)]
+#[must_use = "the hold ends when this is dropped"]
+pub struct AnswerHold {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl AnswerHold {
+    /// Lets the held answers (and later ones) go.
+    pub fn release(self) {}
+}
+
+impl Drop for AnswerHold {
+    fn drop(&mut self) {
+        let id = self.id;
+        self.shared
+            .holds
+            .send_modify(|h| h.retain(|(i, _)| *i != id));
+    }
+}
+
 impl Drop for ConsulEmulator {
     fn drop(&mut self) {
         if let Some(server) = lock(&self.server).take() {
@@ -638,6 +692,12 @@ struct Shared {
     blocked: watch::Sender<usize>,
     /// Number of requests recorded so far.
     seen: watch::Sender<usize>,
+    /// Active answer holds (id, path prefix); held answers wait until none matches.
+    holds: watch::Sender<Vec<(u64, String)>>,
+    /// Answers currently held back by a hold.
+    held: watch::Sender<usize>,
+    /// Id of the next hold.
+    next_hold: std::sync::atomic::AtomicU64,
     /// Runtime of `start`, for TTL timers armed from sync test-side calls.
     rt: tokio::runtime::Handle,
     /// Weak self-reference handed to TTL timers so they do not keep the state alive.
@@ -835,6 +895,9 @@ impl Shared {
             changes: watch::Sender::new(Gen::default()),
             blocked: watch::Sender::new(0),
             seen: watch::Sender::new(0),
+            holds: watch::Sender::new(Vec::new()),
+            held: watch::Sender::new(0),
+            next_hold: std::sync::atomic::AtomicU64::new(0),
             rt: tokio::runtime::Handle::current(),
             me: me.clone(),
         })
@@ -2089,7 +2152,7 @@ async fn reject_over_limit(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_millis(200), drain).await;
 }
 
-/// Decrements the blocked-query gauge when a blocking wait ends, however it ends.
+/// Decrements a gauge (blocked queries, held answers) when the wait ends, however it ends.
 struct BlockedGuard<'a>(&'a watch::Sender<usize>);
 
 impl<'a> BlockedGuard<'a> {
@@ -2283,7 +2346,20 @@ async fn handle(
     } else {
         route(&shared, &req).await?
     };
+    hold_answer(&shared, &raw_path).await;
     Ok(finish(&shared, reply))
+}
+
+/// Waits while a [`ConsulEmulator::hold_answers`] prefix matches `path`.
+async fn hold_answer(shared: &Shared, path: &str) {
+    let matches = |holds: &Vec<(u64, String)>| holds.iter().any(|(_, p)| path.starts_with(p));
+    let mut rx = shared.holds.subscribe();
+    if !matches(&rx.borrow_and_update()) {
+        return;
+    }
+    let _held = BlockedGuard::new(&shared.held);
+    // Err only if the sender is gone, i.e. the emulator itself.
+    let _ = rx.wait_for(|holds| !matches(holds)).await;
 }
 
 fn take_failure(rules: &mut VecDeque<Failure>, path: &str) -> Option<(StatusCode, String)> {

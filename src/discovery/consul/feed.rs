@@ -37,8 +37,8 @@ const REFRESH_CONCURRENCY: usize = 8;
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
 
 /// Watches every service in `services` until `cancel`, with the same publishing guarantees
-/// as [`watch_service`] (first success always published, failures never, unchanged sets
-/// never twice).
+/// as [`watch_service`] (first success always published, failures never, an unchanged set
+/// and registration never twice).
 ///
 /// - `services.len() <= max_watches`: one [`watch_service`] task each, i.e. that many
 ///   concurrent long polls (one HTTP connection each).
@@ -136,7 +136,8 @@ struct Watched {
     name: Arc<str>,
     sync: Arc<ServiceSync>,
     on_change: Box<dyn FnMut(Vec<Discovered>) + Send>,
-    last: Option<Vec<Discovered>>,
+    /// Last published set and registration (see [`ServiceSync::registered`]).
+    last: Option<(Vec<Discovered>, bool)>,
     /// Nodes hosting the service at its last read, to map node-level checks to it.
     nodes: BTreeSet<String>,
 }
@@ -397,10 +398,15 @@ async fn refresh(
                 });
                 w.nodes = answer.entries.iter().map(|e| e.node.node.clone()).collect();
                 let set = to_discovered(&answer.entries, &warning, &tags);
+                let registered = !answer.entries.is_empty();
                 w.sync.set_instances(set.len());
                 w.sync
                     .set_excluded(excluded_instances(&answer.entries, &warning, &tags));
-                if w.last.as_ref() != Some(&set) {
+                w.sync.set_registered(registered);
+                if w.last
+                    .as_ref()
+                    .is_none_or(|(l, r)| *l != set || *r != registered)
+                {
                     tracing::info!(
                         service = %w.name,
                         consul.index = answer.index,
@@ -408,7 +414,7 @@ async fn refresh(
                         "endpoint set changed"
                     );
                     (w.on_change)(set.clone());
-                    w.last = Some(set);
+                    w.last = Some((set, registered));
                 }
                 w.sync.mark_synced();
             }

@@ -185,6 +185,8 @@ pub struct ServiceSync {
     queries_total: AtomicU64,
     errors_total: AtomicU64,
     instances: AtomicU64,
+    /// The last answer listed the service at all (see [`ServiceSync::registered`]).
+    registered: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// Instances of the last answer left out of the pool, with the reason (for `/explain`).
     excluded: arc_swap::ArcSwap<Vec<ExcludedInstance>>,
@@ -235,6 +237,7 @@ impl ServiceSync {
             queries_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             instances: AtomicU64::new(0),
+            registered: AtomicBool::new(false),
             last_error: Mutex::new(None),
             excluded: Default::default(),
         }
@@ -276,6 +279,18 @@ impl ServiceSync {
             return;
         }
         self.excluded.store(Arc::new(excluded));
+    }
+
+    /// True when the last successful answer listed at least one instance of the service,
+    /// whatever its health: false before the first answer and once Consul no longer knows
+    /// the service (deregistered; or hidden by the required tags or ACLs). Set before the
+    /// watch's `on_change` runs, so `on_change` can tell "gone" from "all unhealthy".
+    pub fn registered(&self) -> bool {
+        self.registered.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_registered(&self, registered: bool) {
+        self.registered.store(registered, Ordering::Relaxed);
     }
 
     /// Failed queries since the last success.
@@ -516,11 +531,12 @@ fn log_error(label: &str, error: &ConsulError, errors_in_row: u64, retry_in: Dur
 
 /// Watches one service with a blocking query on `/v1/health/service/<service>` until
 /// `cancel`, and calls `on_change` with the normalised endpoint set (see
-/// [`super::to_discovered`]) whenever it really changed.
+/// [`super::to_discovered`]) whenever it, or [`ServiceSync::registered`], really changed.
 ///
 /// - The first successful answer is always published, even when empty; after that a new
-///   index whose set equals the last published one publishes nothing.
-/// - A successful answer with zero instances publishes `vec![]` (if different).
+///   index whose set and registration equal the last published ones publishes nothing.
+/// - A successful answer with zero instances publishes `vec![]` (if different), also when
+///   the service went from "all instances unhealthy" to "not registered" or back.
 /// - A failed query never publishes: the last good set stays in the pool. Failures show in
 ///   `sync` and in logs; the loop retries with backoff, without index.
 /// - `sync` is marked synced after the first `on_change` returns.
@@ -535,7 +551,7 @@ pub async fn watch_service(
     let label = format!("health/service/{service}");
     let warning = client.warning_mode();
     let tags = client.required_tags().to_vec();
-    let mut last: Option<Vec<Discovered>> = None;
+    let mut last: Option<(Vec<Discovered>, bool)> = None;
     let fetch = |index| {
         let client = client.clone();
         let service = service.clone();
@@ -543,9 +559,15 @@ pub async fn watch_service(
     };
     let on_answer = |answer: super::HealthAnswer, _fresh: bool| {
         let set = to_discovered(&answer.entries, &warning, &tags);
+        // No `?passing` is sent, so an empty answer means Consul lists no instance at all.
+        let registered = !answer.entries.is_empty();
         sync.set_instances(set.len());
         sync.set_excluded(excluded_instances(&answer.entries, &warning, &tags));
-        if last.as_ref() != Some(&set) {
+        sync.set_registered(registered);
+        if last
+            .as_ref()
+            .is_none_or(|(l, r)| *l != set || *r != registered)
+        {
             tracing::info!(
                 service = %service,
                 consul.index = answer.index,
@@ -553,7 +575,7 @@ pub async fn watch_service(
                 "endpoint set changed"
             );
             on_change(set.clone());
-            last = Some(set);
+            last = Some((set, registered));
         } else {
             tracing::debug!(service = %service, consul.index = answer.index, "index moved, endpoint set unchanged");
         }

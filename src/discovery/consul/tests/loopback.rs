@@ -590,3 +590,43 @@ async fn watch_catalog_publishes_tag_filtered_service_list() {
     assert!(rx.try_recv().is_err());
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn watch_service_publishes_when_registration_flips_under_an_empty_set() {
+    let (consul, addr) = MiniConsul::start().await;
+    consul.set_service(
+        "web",
+        vec![instance("web", "n1", "web-1", 8001, "critical")],
+    );
+    let client = client_for(addr, Duration::from_secs(2));
+    let sync = Arc::new(ServiceSync::new());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let seen = sync.clone();
+    tokio::spawn(watch_service(
+        client,
+        "web".into(),
+        sync.clone(),
+        // What the registry reads: the registration is set before the callback.
+        move |set| {
+            let _ = tx.send((set, seen.registered()));
+        },
+        cancel.clone(),
+    ));
+
+    // Registered, nothing healthy.
+    let (set, registered) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(set.is_empty() && registered);
+    // Deregistered: still an empty set, but published again, as gone.
+    consul.set_service("web", vec![]);
+    let (set, registered) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(set.is_empty() && !registered);
+    assert!(!sync.registered());
+    cancel.cancel();
+}
