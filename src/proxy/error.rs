@@ -103,6 +103,27 @@ pub enum ProxyError {
         #[source]
         source: http::Error,
     },
+    /// The request head breaks HTTP's rules (Host, framing); nothing was forwarded.
+    #[error("invalid request head")]
+    InvalidHead {
+        /// Which rule.
+        #[source]
+        source: super::head::HeadError,
+    },
+    /// The request path is refused by `server.escaped_slashes`; nothing was forwarded.
+    #[error("invalid request path")]
+    InvalidPath {
+        /// Why.
+        #[source]
+        source: crate::routes::PathError,
+    },
+    /// The upstream answered 101 to a request whose upgrade was not relayed, or switched to
+    /// another protocol than the one asked for; no tunnel was opened.
+    #[error("{addr} switched protocols unasked")]
+    UnexpectedUpgrade {
+        /// The endpoint.
+        addr: Authority,
+    },
 }
 
 impl ProxyError {
@@ -115,6 +136,9 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest { .. } | Self::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidHead { source } => source.status(),
+            Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
+            Self::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -141,6 +165,11 @@ impl ProxyError {
                 format!("service {service} is at its concurrency limit; retry later")
             }
             Self::ClientBody { .. } => "the request body could not be read".into(),
+            Self::InvalidHead { source } => format!("{source}"),
+            Self::InvalidPath { source } => format!("{source}"),
+            Self::UnexpectedUpgrade { .. } => {
+                "the upstream service switched protocols unasked".into()
+            }
         }
     }
 }
@@ -168,6 +197,30 @@ mod tests {
                 504,
             ),
             (ProxyError::BodyTooLarge { limit: 1 }, 413),
+            (
+                ProxyError::InvalidHead {
+                    source: super::super::head::HeadError::MissingHost,
+                },
+                400,
+            ),
+            (
+                ProxyError::InvalidHead {
+                    source: super::super::head::HeadError::UnsupportedTransferCoding,
+                },
+                501,
+            ),
+            (
+                ProxyError::InvalidPath {
+                    source: crate::routes::PathError::EscapedSlash,
+                },
+                400,
+            ),
+            (
+                ProxyError::UnexpectedUpgrade {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                },
+                502,
+            ),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
