@@ -25,7 +25,7 @@ use crate::health::HealthCheck;
 use crate::proxy::cors::CorsConfig;
 use crate::proxy::headers::HeaderOps;
 use crate::proxy::retry::{RetryOn, RetryPolicy};
-use crate::routes::Rewrite;
+use crate::routes::{EscapedSlashes, Rewrite};
 use raw::*;
 
 /// The embedded default: the seed's topology, also shipped as `config/gateway.toml`.
@@ -260,6 +260,10 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub grace_period: Duration,
+    /// What to do with `%2F`, `%5C` and `\` in a request path.
+    pub escaped_slashes: EscapedSlashes,
+    /// Collapse runs of `/` in a request path.
+    pub merge_slashes: bool,
 }
 
 /// `[log]`.
@@ -873,6 +877,19 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         max_connections: c.count("server.max_connections", raw.server.max_connections, 1),
         drain_delay: c.duration("server.drain_delay", &raw.server.drain_delay),
         grace_period: c.duration("server.grace_period", &raw.server.grace_period),
+        escaped_slashes: match raw.server.escaped_slashes.as_str() {
+            "keep" => EscapedSlashes::Keep,
+            "reject" => EscapedSlashes::Reject,
+            "unescape" => EscapedSlashes::Unescape,
+            other => {
+                c.err(
+                    "server.escaped_slashes",
+                    format!("unknown action {other:?}, expected one of keep, reject, unescape"),
+                );
+                EscapedSlashes::Keep
+            }
+        },
+        merge_slashes: raw.server.merge_slashes,
     };
 
     // CORS.
@@ -1396,6 +1413,25 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.upstream.max_idle_per_host, 7);
         assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn path_rules_parse_from_file_and_environment() {
+        let c = Config::from_toml("", &Env::default()).unwrap();
+        assert_eq!(c.server.escaped_slashes, EscapedSlashes::Keep);
+        assert!(!c.server.merge_slashes);
+        let env = Env::from_pairs([
+            ("MESHGATE_SERVER__ESCAPED_SLASHES", "unescape"),
+            ("MESHGATE_SERVER__MERGE_SLASHES", "true"),
+        ]);
+        let c = Config::from_toml("", &env).unwrap();
+        assert_eq!(c.server.escaped_slashes, EscapedSlashes::Unescape);
+        assert!(c.server.merge_slashes);
+        let p = problems("[server]\nescaped_slashes = \"decode\"\n");
+        assert_eq!(
+            p,
+            ["server.escaped_slashes: unknown action \"decode\", expected one of keep, reject, unescape"]
+        );
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl Gateway {
             registry: std::sync::OnceLock::new(),
             telemetry,
             config: ArcSwapOption::empty(),
+            path_rules: routes::LivePathRules::new(routes::PathRules::from(&config.server)),
         });
         let _ = state
             .registry

@@ -4,6 +4,7 @@ pub mod body;
 pub mod cors;
 pub mod error;
 pub mod forward;
+pub mod head;
 pub mod headers;
 pub mod limit;
 pub mod pool;
@@ -22,7 +23,7 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::admin::AdminState;
 use crate::discovery::registry::ServiceEntry;
-use crate::routes::{remove_dot_segments, Route, RouteTable};
+use crate::routes::{normalise_path, LivePathRules, Route, RouteTable};
 use crate::telemetry::{self, BodyTap, RequestLog};
 pub use body::{ClientBody, RequestBody, ResponseBody};
 pub use cors::CorsConfig;
@@ -65,6 +66,8 @@ pub struct ProxyState {
     pub telemetry: crate::telemetry::RequestTelemetry,
     /// The configuration in force, for the admin `/config` view; published by the registry.
     pub config: ArcSwapOption<crate::config::Config>,
+    /// `server.escaped_slashes` and `server.merge_slashes`; replaced on reload.
+    pub path_rules: LivePathRules,
 }
 
 /// Handles one downstream request. Never fails: every error becomes a response.
@@ -144,6 +147,14 @@ async fn route_request(
     span: &tracing::Span,
     mut log: Option<&mut RequestLog>,
 ) -> Response<ResponseBody> {
+    // Before anything else reads the head: the one host, and framing nobody can read two ways.
+    let host = match head::validate(req.version(), req.uri(), req.headers()) {
+        Ok(host) => host,
+        Err(source) => {
+            tracing::debug!(error = %Chain(&source), "request head refused");
+            return error_response(&ProxyError::InvalidHead { source }, None, request_id);
+        }
+    };
     let raw_path = req.uri().path();
     if state.expose_admin
         && req.method() == Method::GET
@@ -152,11 +163,19 @@ async fn route_request(
         return crate::admin::respond(state, &req);
     }
     // The path outlives `req` (moved upstream below): a clone of the URI's path is a reference
-    // count, so only a path that had dot segments to remove is a new string.
+    // count, so only a path that had something to normalise is a new string.
     let uri_path = req.uri().path_and_query().cloned();
-    let path: std::borrow::Cow<'_, str> = match remove_dot_segments(raw_path) {
-        Some(normalised) => normalised.into(),
-        None => uri_path.as_ref().map_or("", |pq| pq.path()).into(),
+    let rules = state.path_rules.load();
+    let path = match normalise_path(
+        uri_path.as_ref().map_or("", |pq| pq.path()),
+        rules.escaped_slashes,
+        rules.merge_slashes,
+    ) {
+        Ok(path) => path,
+        Err(source) => {
+            tracing::debug!(error = %Chain(&source), "request path refused");
+            return error_response(&ProxyError::InvalidPath { source }, None, request_id);
+        }
     };
     let table = state.table.load();
     let Some(route) = table.find(&path).cloned() else {
@@ -175,10 +194,13 @@ async fn route_request(
     }
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
-    let upgrade = (route.websocket && headers::is_upgrade(req.headers(), req.version()))
+    // Only a WebSocket upgrade travels, and only where the route allows it; any other
+    // `Upgrade` is removed here, so no upstream can answer it with a tunnel.
+    let upgrade = head::filter_upgrade(req.version(), req.headers_mut(), route.websocket)
         .then(|| hyper::upgrade::on(&mut req));
     let down = Downstream {
         client: client.ip(),
+        host,
         proto,
         request_id,
         upgrade,
@@ -221,6 +243,8 @@ fn log_error(e: &ProxyError, route: &Route) {
         ProxyError::NoRoute { .. }
         | ProxyError::BodyTooLarge { .. }
         | ProxyError::InvalidRequest { .. }
+        | ProxyError::InvalidHead { .. }
+        | ProxyError::InvalidPath { .. }
         | ProxyError::ClientBody { .. }
         | ProxyError::ClientTimeout { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
@@ -230,6 +254,7 @@ fn log_error(e: &ProxyError, route: &Route) {
         }
         ProxyError::Connect { .. }
         | ProxyError::UpstreamTimeout { .. }
+        | ProxyError::UnexpectedUpgrade { .. }
         | ProxyError::Upstream { .. } => {
             tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
         }

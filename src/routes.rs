@@ -1,7 +1,8 @@
 //! The route table: longest-prefix matching on segment boundaries over dot-normalised paths,
 //! and the rewrite chain. Pure functions; the proxy owns what happens after a match.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +125,153 @@ pub fn remove_dot_segments(path: &str) -> Option<String> {
         s.push('/');
     }
     Some(s)
+}
+
+/// What to do with `%2F`, `%5C` and `\` in a request path (`server.escaped_slashes`), as
+/// Envoy's `path_with_escaped_slashes_action`: an upstream that decodes them would otherwise
+/// see separators, and dot segments, that routing never saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashes {
+    /// Forward them as they are (the default, and the behaviour before the setting existed).
+    #[default]
+    Keep,
+    /// Refuse the request with 400.
+    Reject,
+    /// Turn each of them into `/`, then remove dot segments, before routing and forwarding.
+    Unescape,
+}
+
+/// How request paths are normalised before routing: `server.escaped_slashes` and
+/// `server.merge_slashes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathRules {
+    /// `%2F`, `%5C` and `\`.
+    pub escaped_slashes: EscapedSlashes,
+    /// Collapse runs of `/` into one.
+    pub merge_slashes: bool,
+}
+
+impl From<&crate::config::ServerConfig> for PathRules {
+    fn from(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            escaped_slashes: server.escaped_slashes,
+            merge_slashes: server.merge_slashes,
+        }
+    }
+}
+
+/// The [`PathRules`] in force, in one atomic byte: read on every request without a lock,
+/// replaced by a reload.
+#[derive(Debug, Default)]
+pub struct LivePathRules(AtomicU8);
+
+impl LivePathRules {
+    /// Holds `rules`.
+    pub fn new(rules: PathRules) -> Self {
+        Self(AtomicU8::new(Self::encode(rules)))
+    }
+
+    /// The rules in force.
+    pub fn load(&self) -> PathRules {
+        let bits = self.0.load(Ordering::Relaxed);
+        PathRules {
+            escaped_slashes: match bits & 0b11 {
+                1 => EscapedSlashes::Reject,
+                2 => EscapedSlashes::Unescape,
+                _ => EscapedSlashes::Keep,
+            },
+            merge_slashes: bits & 0b100 != 0,
+        }
+    }
+
+    /// Replaces the rules; requests that already started keep the ones they read.
+    pub fn store(&self, rules: PathRules) {
+        self.0.store(Self::encode(rules), Ordering::Relaxed);
+    }
+
+    fn encode(rules: PathRules) -> u8 {
+        let escaped = match rules.escaped_slashes {
+            EscapedSlashes::Keep => 0,
+            EscapedSlashes::Reject => 1,
+            EscapedSlashes::Unescape => 2,
+        };
+        escaped | if rules.merge_slashes { 0b100 } else { 0 }
+    }
+}
+
+/// Why a request path is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// `%2F`, `%5C` or `\` in the path while `server.escaped_slashes` is `reject`.
+    #[error("the path holds an escaped slash or a backslash")]
+    EscapedSlash,
+}
+
+/// The path routing and the upstream see: escaped slashes handled as `escaped_slashes` says
+/// (decoded first with `Unescape`, so dot segments hidden behind them are removed), dot
+/// segments removed ([`remove_dot_segments`]), then runs of `/` merged when `merge_slashes`.
+/// Borrows `raw` when nothing changes (the common case, no allocation).
+pub fn normalise_path(
+    raw: &str,
+    escaped_slashes: EscapedSlashes,
+    merge_slashes: bool,
+) -> Result<Cow<'_, str>, PathError> {
+    let mut path = Cow::Borrowed(raw);
+    if has_escaped_slash(raw) {
+        match escaped_slashes {
+            EscapedSlashes::Keep => {}
+            EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
+            EscapedSlashes::Unescape => path = Cow::Owned(unescape_slashes(raw)),
+        }
+    }
+    if let Some(p) = remove_dot_segments(&path) {
+        path = Cow::Owned(p);
+    }
+    if merge_slashes && path.contains("//") {
+        let mut merged = String::with_capacity(path.len());
+        for c in path.chars() {
+            if !(c == '/' && merged.ends_with('/')) {
+                merged.push(c);
+            }
+        }
+        path = Cow::Owned(merged);
+    }
+    Ok(path)
+}
+
+/// Length of the escaped separator (`%2F`, `%5C` in either case, or `\`) at `i`, or 0.
+fn escaped_slash_at(b: &[u8], i: usize) -> usize {
+    match b.get(i..) {
+        Some([b'\\', ..]) => 1,
+        Some([b'%', b'2', b'f' | b'F', ..] | [b'%', b'5', b'c' | b'C', ..]) => 3,
+        _ => 0,
+    }
+}
+
+fn has_escaped_slash(path: &str) -> bool {
+    let b = path.as_bytes();
+    (0..b.len()).any(|i| escaped_slash_at(b, i) > 0)
+}
+
+/// Every escaped separator becomes `/`. Only ASCII sequences are replaced by ASCII, so the
+/// result is valid UTF-8 whenever `path` is.
+fn unescape_slashes(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match escaped_slash_at(b, i) {
+            0 => {
+                out.push(c);
+                i += 1;
+            }
+            n => {
+                out.push(b'/');
+                i += n;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A live route: its settings plus its pool and picker, resolved once when the table is built.
@@ -347,5 +495,127 @@ mod tests {
             "/b"
         );
         assert_eq!(rewrite_path("/", &[Rewrite::AddPrefix("/x".into())]), "/x");
+    }
+
+    #[test]
+    fn escaped_slashes_are_kept_refused_or_decoded() {
+        use EscapedSlashes::*;
+        let cases = [
+            // (input, keep, unescape); reject refuses exactly the inputs whose keep and
+            // unescape results differ because of an escaped separator.
+            ("/api/users", "/api/users", "/api/users"),
+            ("/api/a%2Fb", "/api/a%2Fb", "/api/a/b"),
+            ("/api/a%2fb", "/api/a%2fb", "/api/a/b"),
+            ("/api/a%5Cb", "/api/a%5Cb", "/api/a/b"),
+            ("/api/a%5cb", "/api/a%5cb", "/api/a/b"),
+            ("/api/a\\b", "/api/a\\b", "/api/a/b"),
+            ("/api/..%2Fadmin", "/api/..%2Fadmin", "/admin"),
+            ("/api/..%5cadmin", "/api/..%5cadmin", "/admin"),
+            ("/api/..\\admin", "/api/..\\admin", "/admin"),
+            (
+                "/api/v1%2F..%2F..%2Fadmin",
+                "/api/v1%2F..%2F..%2Fadmin",
+                "/admin",
+            ),
+            ("/api/%2e%2e%2fadmin", "/api/%2e%2e%2fadmin", "/admin"),
+            ("/api/%252F", "/api/%252F", "/api/%252F"),
+            ("/api/%2", "/api/%2", "/api/%2"),
+            ("/a/../b", "/b", "/b"),
+        ];
+        for (input, keep, unescape) in cases {
+            assert_eq!(normalise_path(input, Keep, false).unwrap(), keep, "{input}");
+            assert_eq!(
+                normalise_path(input, Unescape, false).unwrap(),
+                unescape,
+                "{input}"
+            );
+            let escaped = input.contains('\\')
+                || input.to_ascii_lowercase().contains("%2f")
+                || input.to_ascii_lowercase().contains("%5c");
+            assert_eq!(
+                normalise_path(input, Reject, false),
+                if escaped {
+                    Err(PathError::EscapedSlash)
+                } else {
+                    Ok(keep.into())
+                },
+                "{input}"
+            );
+        }
+        assert!(matches!(
+            normalise_path("/a/b", Unescape, true).unwrap(),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn slashes_merge_after_decoding_and_dot_removal() {
+        use EscapedSlashes::*;
+        assert_eq!(
+            normalise_path("//api///x//", Keep, true).unwrap(),
+            "/api/x/"
+        );
+        assert_eq!(
+            normalise_path("//api///x", Keep, false).unwrap(),
+            "//api///x"
+        );
+        assert_eq!(
+            normalise_path("/api%2F%2Fx", Unescape, true).unwrap(),
+            "/api/x"
+        );
+        // Dot segments first (Envoy's order), so `//..` climbs out of the empty segment only.
+        assert_eq!(normalise_path("/a//../b", Keep, true).unwrap(), "/a/b");
+        assert_eq!(normalise_path("/", Keep, true).unwrap(), "/");
+        assert_eq!(normalise_path("", Unescape, true).unwrap(), "");
+    }
+
+    #[test]
+    fn live_path_rules_round_trip() {
+        let live = LivePathRules::default();
+        assert_eq!(live.load(), PathRules::default());
+        for escaped_slashes in [
+            EscapedSlashes::Keep,
+            EscapedSlashes::Reject,
+            EscapedSlashes::Unescape,
+        ] {
+            for merge_slashes in [false, true] {
+                let rules = PathRules {
+                    escaped_slashes,
+                    merge_slashes,
+                };
+                live.store(rules);
+                assert_eq!(live.load(), rules);
+            }
+        }
+    }
+
+    #[test]
+    fn normalising_any_path_never_panics_and_is_stable() {
+        let pieces = [
+            "/", "%2F", "%5c", "\\", "..", ".", "%2e", "a", "é", "%", "%2", "//",
+        ];
+        let mut path = String::new();
+        for i in 0..4000usize {
+            path.clear();
+            let mut n = i;
+            for _ in 0..5 {
+                path.push_str(pieces[n % pieces.len()]);
+                n /= pieces.len();
+            }
+            for mode in [
+                EscapedSlashes::Keep,
+                EscapedSlashes::Reject,
+                EscapedSlashes::Unescape,
+            ] {
+                for merge in [false, true] {
+                    if let Ok(once) = normalise_path(&path, mode, merge) {
+                        let twice = normalise_path(&once, mode, merge).unwrap();
+                        if path.starts_with('/') {
+                            assert_eq!(once, twice, "{path:?} {mode:?} {merge}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -148,3 +148,28 @@ async fn a_drip_fed_request_head_is_cut_off() {
     );
     assert_eq!(up.hits(), 0);
 }
+
+/// A request with both `Content-Length` and `Transfer-Encoding` is framed by the chunked coding
+/// and ends its connection (RFC 9112 §6.3): nothing sent after it on that connection is run,
+/// whenever it arrives.
+#[tokio::test]
+async fn a_request_with_content_length_and_chunked_ends_its_connection() {
+    let up = TestUpstream::builder().start().await;
+    let gw = gateway(&up, "").await;
+    let mut w = Wire::connect(gw.addr).await;
+    w.send(
+        b"POST /api/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let first = w.response(WAIT).await.expect("an answer");
+    assert!(matches!(first.status, 200 | 400), "{first:?}");
+    let _ = w.send(b"GET /api/after HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+    let second = w.response(Duration::from_millis(500)).await;
+    assert!(
+        second.is_none(),
+        "a request after CL+TE was answered: {second:?}"
+    );
+    assert_eq!(up.hits_on("/api/after"), 0);
+    assert!(up.hits() <= 1);
+}

@@ -162,6 +162,11 @@ pub struct RawServer {
     pub drain_delay: String,
     /// On shutdown, how long in-flight requests may take to finish. Default `30s`.
     pub grace_period: String,
+    /// `%2F`, `%5C` and `\` in a path: `keep`, `reject` (400) or `unescape` (to `/`, then
+    /// dot segments removed). Default `keep`.
+    pub escaped_slashes: String,
+    /// Collapse runs of `/` in a path before routing. Default `false`.
+    pub merge_slashes: bool,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -177,6 +182,8 @@ impl Default for RawServer {
             max_connections: 10_000,
             drain_delay: "5s".into(),
             grace_period: "30s".into(),
+            escaped_slashes: "keep".into(),
+            merge_slashes: false,
             unknown: Unknown::new(),
         }
     }

@@ -229,6 +229,9 @@ impl Registry {
         {
             let inner = self.lock();
             self.state.cors.store(inner.config.cors.clone());
+            self.state
+                .path_rules
+                .store(crate::routes::PathRules::from(&inner.config.server));
             // Certificates were read again by validation: renewed files apply to new handshakes.
             self.state
                 .tls

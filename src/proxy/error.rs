@@ -116,6 +116,27 @@ pub enum ProxyError {
         #[source]
         source: http::Error,
     },
+    /// The request head breaks HTTP's rules (Host, framing); nothing was forwarded.
+    #[error("invalid request head")]
+    InvalidHead {
+        /// Which rule.
+        #[source]
+        source: super::head::HeadError,
+    },
+    /// The request path is refused by `server.escaped_slashes`; nothing was forwarded.
+    #[error("invalid request path")]
+    InvalidPath {
+        /// Why.
+        #[source]
+        source: crate::routes::PathError,
+    },
+    /// The upstream answered 101 to a request whose upgrade was not relayed, or switched to
+    /// another protocol than the one asked for; no tunnel was opened.
+    #[error("{addr} switched protocols unasked")]
+    UnexpectedUpgrade {
+        /// The endpoint.
+        addr: Authority,
+    },
 }
 
 impl ProxyError {
@@ -157,6 +178,9 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest { .. } | Self::ClientBody { .. } => StatusCode::BAD_REQUEST,
             Self::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::InvalidHead { source } => source.status(),
+            Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
+            Self::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -168,12 +192,15 @@ impl ProxyError {
             | Self::BodyTooLarge { .. }
             | Self::ClientBody { .. }
             | Self::ClientTimeout { .. }
-            | Self::InvalidRequest { .. } => true,
+            | Self::InvalidRequest { .. }
+            | Self::InvalidHead { .. }
+            | Self::InvalidPath { .. } => true,
             Self::NoEndpoint { .. }
             | Self::Overloaded { .. }
             | Self::Connect { .. }
             | Self::UpstreamTimeout { .. }
-            | Self::Upstream { .. } => false,
+            | Self::Upstream { .. }
+            | Self::UnexpectedUpgrade { .. } => false,
         }
     }
 
@@ -201,6 +228,11 @@ impl ProxyError {
             }
             Self::ClientBody { .. } => "the request body is malformed".into(),
             Self::ClientTimeout { .. } => "the request body did not arrive in time".into(),
+            Self::InvalidHead { source } => format!("{source}"),
+            Self::InvalidPath { source } => format!("{source}"),
+            Self::UnexpectedUpgrade { .. } => {
+                "the upstream service switched protocols unasked".into()
+            }
         }
     }
 }
@@ -229,6 +261,30 @@ mod tests {
             ),
             (ProxyError::BodyTooLarge { limit: 1 }, 413),
             (ProxyError::ClientTimeout { source: None }, 408),
+            (
+                ProxyError::InvalidHead {
+                    source: super::super::head::HeadError::MissingHost,
+                },
+                400,
+            ),
+            (
+                ProxyError::InvalidHead {
+                    source: super::super::head::HeadError::UnsupportedTransferCoding,
+                },
+                501,
+            ),
+            (
+                ProxyError::InvalidPath {
+                    source: crate::routes::PathError::EscapedSlash,
+                },
+                400,
+            ),
+            (
+                ProxyError::UnexpectedUpgrade {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                },
+                502,
+            ),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

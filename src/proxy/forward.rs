@@ -117,6 +117,9 @@ fn build(
 pub struct Downstream<'a> {
     /// Client address.
     pub client: IpAddr,
+    /// The request's one validated host (`proxy::head::validate`): `Host` with
+    /// `preserve_host`, and `X-Forwarded-Host`. `None` for HTTP/1.0 without `Host`.
+    pub host: Option<HeaderValue>,
     /// `http` or `https`.
     pub proto: &'static str,
     /// Request id to pass upstream.
@@ -216,12 +219,7 @@ pub async fn forward(
         }
     }
 
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = down.host.take();
     if down.upgrade.is_some() {
         headers::remove_hop_by_hop_keep_upgrade(&mut parts.headers);
     } else {
@@ -300,7 +298,8 @@ pub async fn forward(
             } else {
                 std::mem::swap(h, &mut parts.headers);
             }
-            if !route.preserve_host {
+            // Without a client host to preserve (HTTP/1.0), the endpoint's own.
+            if !route.preserve_host || !h.contains_key(HOST) {
                 h.insert(HOST, ep.host_header.clone());
             }
             telemetry::inject(&span, h);
@@ -381,22 +380,30 @@ pub async fn forward(
                     outcome.fetch_add(1, Ordering::Relaxed);
                 }
                 if status == 101 {
-                    if let Some(client_side) = down.upgrade {
-                        let websocket = resp
-                            .headers()
-                            .get(http::header::UPGRADE)
-                            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-                        let upstream_side = hyper::upgrade::on(&mut resp);
-                        super::upgrade::splice(
-                            down.upgrades,
-                            client_side,
-                            upstream_side,
-                            lease,
-                            permit,
-                            route.websocket_idle_timeout,
-                            websocket,
-                        );
-                        return Ok(resp.map(|_| ResponseBody::empty()));
+                    // A tunnel only for the protocol that was asked for (WebSocket, the one
+                    // relayed); any other switch would carry bytes past the gateway's rules.
+                    let asked = down.upgrade.is_some();
+                    match down.upgrade {
+                        Some(client_side) if super::head::switches_to_websocket(resp.headers()) => {
+                            let upstream_side = hyper::upgrade::on(&mut resp);
+                            super::upgrade::splice(
+                                down.upgrades,
+                                client_side,
+                                upstream_side,
+                                lease,
+                                permit,
+                                route.websocket_idle_timeout,
+                                true,
+                            );
+                            return Ok(resp.map(|_| ResponseBody::empty()));
+                        }
+                        _ => {
+                            tracing::debug!(route = %route.name, upstream.addr = %ep.authority, asked, "101 for a protocol that was not asked for");
+                            lease.record_failure();
+                            return Err(ProxyError::UnexpectedUpgrade {
+                                addr: ep.authority.clone(),
+                            });
+                        }
                     }
                 }
                 return Ok(resp.map(|b| {

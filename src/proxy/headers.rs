@@ -114,18 +114,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// True for an HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
-pub fn is_upgrade(headers: &HeaderMap, version: http::Version) -> bool {
-    version == http::Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
 /// Like [`remove_hop_by_hop`], but keeps the protocol switch (`Connection: upgrade` and `Upgrade`).
 pub fn remove_hop_by_hop_keep_upgrade(headers: &mut HeaderMap) {
     let upgrade = headers.get(header::UPGRADE).cloned();

@@ -106,9 +106,15 @@ impl Drop for RequestMark {
     }
 }
 
-/// Requests after which the socket must not be taken back: hyper closes or upgrades it.
+/// Requests after which the socket must not be taken back: hyper closes or upgrades it, or may
+/// decide to close it. A chunked request is one: hyper drops a `Content-Length` sent with
+/// `Transfer-Encoding` before the service sees it and closes after the answer (RFC 9112 §6.3),
+/// so such a connection is left to hyper to keep or close.
 fn keeps_connection<B>(req: &Request<B>) -> bool {
-    if req.version() != Version::HTTP_11 || req.method() == Method::CONNECT {
+    if req.version() != Version::HTTP_11
+        || req.method() == Method::CONNECT
+        || req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
         return false;
     }
     req.headers().get_all(header::CONNECTION).iter().all(|v| {
