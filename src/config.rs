@@ -874,7 +874,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         header_read_timeout: c.duration_in(
             "server.header_read_timeout",
             &raw.server.header_read_timeout,
-            limits::TIMEOUT,
+            limits::HEADER_READ_TIMEOUT,
         ),
         keep_alive_timeout: c.duration("server.keep_alive_timeout", &raw.server.keep_alive_timeout),
         max_connections: c.count_in(

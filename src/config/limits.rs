@@ -22,6 +22,10 @@ pub const TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(1)..=MAX_DUR
 /// Delays, periods and caps where zero means "none" or "off".
 pub const DELAY: RangeInclusive<Duration> = Duration::ZERO..=MAX_DURATION;
 
+/// `server.header_read_timeout`: from 100ms, since zero closes every connection unread and a
+/// few milliseconds cut off ordinary clients on real networks.
+pub const HEADER_READ_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(100)..=MAX_DURATION;
+
 /// `routes[].health_check.interval`: probing more often than every 10ms only adds load.
 pub const HEALTH_INTERVAL: RangeInclusive<Duration> = Duration::from_millis(10)..=MAX_DURATION;
 

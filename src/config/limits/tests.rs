@@ -103,7 +103,12 @@ fn cases() -> Vec<Case> {
             &["1", "100", "10000"][..],
             &["0", "-1", "10001"][..],
         ),
-        ("server", "header_read_timeout", TIMEOUT_IN, TIMEOUT_OUT),
+        (
+            "server",
+            "header_read_timeout",
+            &["\"100ms\"", "\"24h\""][..],
+            &["\"0s\"", "\"99ms\"", "\"86400001ms\""][..],
+        ),
         ("server", "keep_alive_timeout", DELAY_IN, DELAY_OUT),
         (
             "server",
@@ -252,7 +257,7 @@ fn the_values_from_the_issue_are_refused() {
         ),
         (
             section("server", "header_read_timeout", "\"0s\""),
-            "server.header_read_timeout: must be from 1ms to 24h, got \"0s\"",
+            "server.header_read_timeout: must be from 100ms to 24h, got \"0s\"",
         ),
         (
             section("server", "max_header_bytes", "\"4GiB\""),
