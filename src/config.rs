@@ -2,6 +2,7 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
+pub mod limits;
 pub mod otel;
 pub mod raw;
 
@@ -248,6 +249,8 @@ pub struct UpstreamConfig {
 pub struct ServerConfig {
     /// Largest request head.
     pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request head (431 beyond).
+    pub max_headers: usize,
     /// Time allowed for a request head.
     pub header_read_timeout: Duration,
     /// How long an idle keep-alive connection waits for its next request.
@@ -454,27 +457,14 @@ impl Check {
         }
     }
 
+    /// A duration from 0s to 24h (`limits::DELAY`); see `duration_in` for other ranges.
     fn duration(&mut self, path: &str, text: &str) -> Duration {
-        match humantime::parse_duration(text.trim()) {
-            Ok(d) => d,
-            Err(e) => {
-                self.err(
-                    path,
-                    format!("invalid duration {text:?} ({e}); use e.g. \"250ms\", \"10s\", \"5m\""),
-                );
-                Duration::ZERO
-            }
-        }
+        self.duration_in(path, text, limits::DELAY)
     }
 
+    /// A size from 0 to 1024GiB (`limits::MAX_BODY`); see `size_in` for other ranges.
     fn size(&mut self, path: &str, size: &RawSize) -> u64 {
-        match parse_size(size) {
-            Ok(n) => n,
-            Err(m) => {
-                self.err(path, m);
-                0
-            }
-        }
+        self.size_in(path, size, limits::MAX_BODY)
     }
 
     fn socket(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
@@ -490,12 +480,9 @@ impl Check {
         }
     }
 
+    /// A count from `min` to `limits::MAX_COUNT`; see `count_in` for other ranges.
     fn count(&mut self, path: &str, n: i64, min: i64) -> usize {
-        if n < min {
-            self.err(path, format!("must be at least {min}, got {n}"));
-            return min.max(0) as usize;
-        }
-        n as usize
+        self.count_in(path, n, min..=limits::MAX_COUNT)
     }
 }
 
@@ -678,7 +665,7 @@ fn prefix(check: &mut Check, path: &str, p: &str) -> String {
 
 fn retry_policy(c: &mut Check, path: &str, r: &RawRetry) -> RetryPolicy {
     c.unknown(path, &r.unknown);
-    let attempts = c.count(&format!("{path}.attempts"), r.attempts, 1).min(10) as u32;
+    let attempts = c.count_in(&format!("{path}.attempts"), r.attempts, limits::ATTEMPTS) as u32;
     // The list replaces the defaults (which the raw default list already spells out).
     let mut on = RetryOn {
         connect_failure: false,
@@ -724,10 +711,14 @@ fn retry_policy(c: &mut Check, path: &str, r: &RawRetry) -> RetryPolicy {
         per_try_timeout: r
             .per_try_timeout
             .as_ref()
-            .map(|t| c.duration(&format!("{path}.per_try_timeout"), t)),
+            .map(|t| c.duration_in(&format!("{path}.per_try_timeout"), t, limits::TIMEOUT)),
         on,
         budget_percent: budget.unwrap_or(20.0),
-        max_body: c.size(&format!("{path}.max_body"), &r.max_body),
+        max_body: c.size_in(
+            &format!("{path}.max_body"),
+            &r.max_body,
+            limits::RETRY_MAX_BODY,
+        ),
     }
 }
 
@@ -757,22 +748,26 @@ fn health_check(c: &mut Check, path: &str, h: &RawHealthCheck) -> HealthCheck {
         );
         vec![(200, 299)]
     });
-    let interval = c.duration(&format!("{path}.interval"), &h.interval);
-    if interval < Duration::from_millis(10) {
-        c.err(format!("{path}.interval"), "must be at least 10ms");
-    }
+    let interval = c.duration_in(
+        &format!("{path}.interval"),
+        &h.interval,
+        limits::HEALTH_INTERVAL,
+    );
     HealthCheck {
         path: probe_path,
         method,
         interval,
-        timeout: c.duration(&format!("{path}.timeout"), &h.timeout),
+        timeout: c.duration_in(&format!("{path}.timeout"), &h.timeout, limits::TIMEOUT),
         expected,
-        healthy_threshold: c.count(&format!("{path}.healthy_threshold"), h.healthy_threshold, 1)
-            as u32,
-        unhealthy_threshold: c.count(
+        healthy_threshold: c.count_in(
+            &format!("{path}.healthy_threshold"),
+            h.healthy_threshold,
+            limits::THRESHOLD,
+        ) as u32,
+        unhealthy_threshold: c.count_in(
             &format!("{path}.unhealthy_threshold"),
             h.unhealthy_threshold,
-            1,
+            limits::THRESHOLD,
         ) as u32,
         jitter: c.duration(&format!("{path}.jitter"), &h.jitter),
         tcp: h.tcp,
@@ -789,11 +784,15 @@ fn outlier(c: &mut Check, path: &str, o: &RawOutlier) -> OutlierConfig {
         );
     }
     OutlierConfig {
-        consecutive_5xx: c.count(&format!("{path}.consecutive_5xx"), o.consecutive_5xx, 0) as u32,
-        consecutive_gateway_failures: c.count(
+        consecutive_5xx: c.count_in(
+            &format!("{path}.consecutive_5xx"),
+            o.consecutive_5xx,
+            limits::CONSECUTIVE,
+        ) as u32,
+        consecutive_gateway_failures: c.count_in(
             &format!("{path}.consecutive_gateway_failures"),
             o.consecutive_gateway_failures,
-            0,
+            limits::CONSECUTIVE,
         ) as u32,
         base_ejection_time: c
             .duration(&format!("{path}.base_ejection_time"), &o.base_ejection_time),
@@ -809,8 +808,11 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     };
     c.unknown("", &raw.unknown);
     let listen = c.socket("listen", &raw.listen);
-    if raw.workers == Some(0) {
-        c.err("workers", "must be at least 1");
+    if let Some(Err(m)) = raw
+        .workers
+        .map(|w| limits::check_number(w, &limits::WORKERS))
+    {
+        c.err("workers", m);
     }
 
     // Discovery.
@@ -850,31 +852,47 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     // Upstream and server.
     c.unknown("upstream", &raw.upstream.unknown);
     let upstream = UpstreamConfig {
-        connect_timeout: c.duration("upstream.connect_timeout", &raw.upstream.connect_timeout),
+        connect_timeout: c.duration_in(
+            "upstream.connect_timeout",
+            &raw.upstream.connect_timeout,
+            limits::TIMEOUT,
+        ),
         idle_timeout: c.duration("upstream.idle_timeout", &raw.upstream.idle_timeout),
-        max_idle_per_host: c.count(
+        max_idle_per_host: c.count_in(
             "upstream.max_idle_per_host",
             raw.upstream.max_idle_per_host,
-            0,
+            limits::MAX_IDLE_PER_HOST,
         ),
     };
     c.unknown("server", &raw.server.unknown);
-    let max_header_bytes = c.size("server.max_header_bytes", &raw.server.max_header_bytes);
-    if max_header_bytes < 8192 {
-        c.err(
-            "server.max_header_bytes",
-            format!("must be at least 8KiB, got {max_header_bytes} bytes"),
-        );
-    }
+    let max_header_bytes = c.size_in(
+        "server.max_header_bytes",
+        &raw.server.max_header_bytes,
+        limits::MAX_HEADER_BYTES,
+    );
     let server = ServerConfig {
         max_header_bytes: max_header_bytes as usize,
-        header_read_timeout: c.duration(
+        max_headers: c.count_in(
+            "server.max_headers",
+            raw.server.max_headers,
+            limits::MAX_HEADERS,
+        ),
+        header_read_timeout: c.duration_in(
             "server.header_read_timeout",
             &raw.server.header_read_timeout,
+            limits::HEADER_READ_TIMEOUT,
         ),
         keep_alive_timeout: c.duration("server.keep_alive_timeout", &raw.server.keep_alive_timeout),
-        body_read_timeout: c.duration("server.body_read_timeout", &raw.server.body_read_timeout),
-        max_connections: c.count("server.max_connections", raw.server.max_connections, 1),
+        body_read_timeout: c.duration_in(
+            "server.body_read_timeout",
+            &raw.server.body_read_timeout,
+            limits::TIMEOUT,
+        ),
+        max_connections: c.count_in(
+            "server.max_connections",
+            raw.server.max_connections,
+            limits::MAX_CONNECTIONS,
+        ),
         drain_delay: c.duration("server.drain_delay", &raw.server.drain_delay),
         grace_period: c.duration("server.grace_period", &raw.server.grace_period),
         escaped_slashes: match raw.server.escaped_slashes.as_str() {
@@ -1154,10 +1172,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 });
             }
         }
-        let timeout = c.duration(&format!("{rp}.timeout"), &r.timeout);
-        if timeout.is_zero() {
-            c.err(format!("{rp}.timeout"), "must be greater than zero");
-        }
+        let timeout = c.duration_in(&format!("{rp}.timeout"), &r.timeout, limits::TIMEOUT);
         let request_headers =
             header_ops(&mut c, &format!("{rp}.request_headers"), &r.request_headers);
         let response_headers = header_ops(
@@ -1227,11 +1242,11 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         let websocket_idle_timeout = r
             .websocket_idle_timeout
             .as_ref()
-            .map(|t| c.duration(&format!("{rp}.websocket_idle_timeout"), t));
+            .map(|t| c.duration_in(&format!("{rp}.websocket_idle_timeout"), t, limits::TIMEOUT));
         let stream_timeout = r
             .stream_timeout
             .as_ref()
-            .map(|t| c.duration(&format!("{rp}.stream_timeout"), t));
+            .map(|t| c.duration_in(&format!("{rp}.stream_timeout"), t, limits::TIMEOUT));
         let health_check = r
             .health_check
             .as_ref()

@@ -28,6 +28,7 @@ fn tls_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes)
+        .max_headers(cfg.max_headers)
         .keep_alive(true);
     builder
         .http2()
@@ -43,6 +44,7 @@ fn plain_builders(cfg: &ServerConfig) -> conn::Plain {
     h1.timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes)
+        .max_headers(cfg.max_headers)
         // Zero keep-alive means one request per connection, announced with `Connection: close`.
         .keep_alive(!cfg.keep_alive_timeout.is_zero());
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

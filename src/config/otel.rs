@@ -3,10 +3,12 @@
 //! pipeline itself is built by `telemetry`.
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
+use super::limits;
 use super::raw::RawTracing;
 use super::Env;
 
@@ -274,10 +276,14 @@ pub fn resolve(raw: &RawTracing, env: &Env) -> Result<TracingConfig, Vec<(String
     );
     if let (Some(t), Some(var)) = (timeout, origin) {
         match t.trim().parse::<u64>() {
-            Ok(ms) if ms > 0 => out.timeout = Duration::from_millis(ms),
+            Ok(ms) if limits::OTEL_MILLIS.contains(&ms) => out.timeout = Duration::from_millis(ms),
             _ => err(
                 var,
-                format!("{t:?} is not a positive number of milliseconds"),
+                format!(
+                    "{t:?} is not a number of milliseconds from {} to {}",
+                    limits::OTEL_MILLIS.start(),
+                    limits::OTEL_MILLIS.end()
+                ),
             ),
         }
     }
@@ -360,26 +366,30 @@ pub fn resolve(raw: &RawTracing, env: &Env) -> Result<TracingConfig, Vec<(String
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned());
 
     // Batching.
-    let mut number = |var: &str, min: u64| -> Option<u64> {
+    let mut number = |var: &str, range: RangeInclusive<u64>| -> Option<u64> {
         let v = env.get(var)?;
         match v.trim().parse::<u64>() {
-            Ok(n) if n >= min => Some(n),
+            Ok(n) if range.contains(&n) => Some(n),
             _ => {
                 err(
                     var,
-                    format!("{v:?} is not a whole number of at least {min}"),
+                    format!(
+                        "{v:?} is not a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
                 );
                 None
             }
         }
     };
-    if let Some(ms) = number("OTEL_BSP_SCHEDULE_DELAY", 1) {
+    if let Some(ms) = number("OTEL_BSP_SCHEDULE_DELAY", limits::OTEL_MILLIS) {
         out.batch.schedule_delay = Duration::from_millis(ms);
     }
-    if let Some(n) = number("OTEL_BSP_MAX_QUEUE_SIZE", 1) {
+    if let Some(n) = number("OTEL_BSP_MAX_QUEUE_SIZE", limits::OTEL_SPANS) {
         out.batch.max_queue = n as usize;
     }
-    if let Some(n) = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1) {
+    if let Some(n) = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", limits::OTEL_SPANS) {
         out.batch.max_batch = n as usize;
     }
     out.batch.max_batch = out.batch.max_batch.min(out.batch.max_queue);

@@ -150,6 +150,8 @@ impl Default for RawUpstream {
 pub struct RawServer {
     /// Largest request head (request line plus headers); beyond it the answer is 431. Default `64KiB`.
     pub max_header_bytes: RawSize,
+    /// Most header fields in an HTTP/1.1 request head; beyond it the answer is 431. Default 100.
+    pub max_headers: i64,
     /// Time a client has to send its request head. Default `10s`.
     pub header_read_timeout: String,
     /// How long an idle keep-alive connection waits for its next request. Default `60s`.
@@ -176,6 +178,7 @@ impl Default for RawServer {
     fn default() -> Self {
         Self {
             max_header_bytes: RawSize::Text("64KiB".into()),
+            max_headers: 100,
             header_read_timeout: "10s".into(),
             keep_alive_timeout: "60s".into(),
             body_read_timeout: "30s".into(),

@@ -330,6 +330,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, shutdown: Cancell
                 });
                 let conn = http1::Builder::new()
                     .keep_alive(true)
+                    // Above any gateway's `server.max_headers`, so the gateway's limit is the
+                    // one under test.
+                    .max_headers(1_000)
                     .timer(TokioTimer::new())
                     .serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);

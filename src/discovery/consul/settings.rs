@@ -8,11 +8,10 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
+use crate::config::limits;
+
 /// The Consul HTTP API address used when neither the file nor `CONSUL_HTTP_ADDR` sets one.
 pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:8500";
-
-/// Longest `wait` worth sending: Consul clamps anything above its `max_query_time` (600s).
-const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// `[discovery.consul]` as written in the config file (serde model only).
 ///
@@ -46,7 +45,7 @@ pub struct RawConsul {
     /// Instances must carry **all** of these tags (case-insensitive). Sent as repeated
     /// `?tag=` and enforced again client-side. Default: `[]` (no filter).
     pub tags: Vec<String>,
-    /// How long one blocking query may hang on the server (1ms..=600s). Default: `"60s"`.
+    /// How long one blocking query may hang on the server (1ms to 600s). Default: `"60s"`.
     #[serde(with = "humantime_serde")]
     pub wait: Duration,
     /// Allow any Consul server to answer (`?stale`), not only the leader. Keeps discovery
@@ -76,13 +75,13 @@ pub struct RawConsul {
     /// Default: `false`.
     pub routes_from_tags: bool,
     /// How long startup waits for each watched service's first successful Consul answer
-    /// before giving up on it (the watch itself keeps retrying). Default: `"10s"`.
+    /// before giving up on it (the watch itself keeps retrying); 1ms to 24h. Default: `"10s"`.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
     /// Up to this many services get their own blocking query (one HTTP connection each).
     /// Beyond it, one change feed (`/v1/health/state/any` + `/v1/catalog/services`) drives
     /// targeted refreshes instead. Consul agents allow 200 connections per client by default
-    /// (`limits.http_max_conns_per_client`), so stay well below that. Default: `64`.
+    /// (`limits.http_max_conns_per_client`), so stay well below that; 1 to 10000. Default: `64`.
     pub max_watches: usize,
 }
 
@@ -327,15 +326,9 @@ impl RawConsul {
         }
 
         // === durations, modes, limits ===
-        if self.wait.is_zero() || self.wait > MAX_WAIT {
-            // Zero would make Consul block for its 5-minute default, not zero.
-            err(
-                "wait",
-                format!(
-                    "must be between 1ms and 600s (Consul's max_query_time), got {}",
-                    humantime::format_duration(self.wait)
-                ),
-            );
+        let shown = |d: Duration| humantime::format_duration(d).to_string();
+        if let Err(m) = limits::check_duration(self.wait, &limits::CONSUL_WAIT, &shown(self.wait)) {
+            err("wait", format!("{m} (600s is Consul's max_query_time)"));
         }
         let warning = WarningMode::parse(&self.warning).unwrap_or_else(|| {
             err(
@@ -347,11 +340,15 @@ impl RawConsul {
             );
             WarningMode::default()
         });
-        if self.startup_timeout.is_zero() {
-            err("startup_timeout", "must be greater than 0".to_owned());
+        if let Err(m) = limits::check_duration(
+            self.startup_timeout,
+            &limits::TIMEOUT,
+            &shown(self.startup_timeout),
+        ) {
+            err("startup_timeout", m);
         }
-        if self.max_watches == 0 {
-            err("max_watches", "must be at least 1".to_owned());
+        if let Err(m) = limits::check_number(self.max_watches, &limits::CONSUL_MAX_WATCHES) {
+            err("max_watches", m);
         }
 
         // === TLS ===
