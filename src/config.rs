@@ -31,6 +31,10 @@ use raw::*;
 /// The embedded default: the seed's topology, also shipped as `config/gateway.toml`.
 pub const DEMO_TOML: &str = include_str!("../config/gateway.toml");
 
+/// Largest `server.h2_max_concurrent_streams`: beyond it one connection could start more work
+/// than a whole well-behaved client population.
+pub const H2_MAX_CONCURRENT_STREAMS_LIMIT: i64 = 10_000;
+
 /// The environment as a set of variables, so tests never touch the process environment.
 #[derive(Debug, Clone, Default)]
 pub struct Env {
@@ -258,6 +262,10 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub grace_period: Duration,
+    /// Streams one HTTP/2 connection may have open at once (1 to 10000).
+    pub h2_max_concurrent_streams: u32,
+    /// Bind the listeners with `SO_REUSEPORT`.
+    pub reuse_port: bool,
 }
 
 /// `[log]`.
@@ -870,7 +878,28 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         max_connections: c.count("server.max_connections", raw.server.max_connections, 1),
         drain_delay: c.duration("server.drain_delay", &raw.server.drain_delay),
         grace_period: c.duration("server.grace_period", &raw.server.grace_period),
+        h2_max_concurrent_streams: c.count(
+            "server.h2_max_concurrent_streams",
+            raw.server.h2_max_concurrent_streams,
+            1,
+        ) as u32,
+        reuse_port: raw.server.reuse_port,
     };
+    if raw.server.h2_max_concurrent_streams > H2_MAX_CONCURRENT_STREAMS_LIMIT {
+        c.err(
+            "server.h2_max_concurrent_streams",
+            format!(
+                "must be at most {H2_MAX_CONCURRENT_STREAMS_LIMIT}, got {}",
+                raw.server.h2_max_concurrent_streams
+            ),
+        );
+    }
+    if raw.server.reuse_port && !cfg!(unix) {
+        c.err(
+            "server.reuse_port",
+            "SO_REUSEPORT is only available on Unix systems",
+        );
+    }
 
     // CORS.
     let cors = raw.cors.as_ref().map(|rc| {
@@ -1393,6 +1422,31 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.upstream.max_idle_per_host, 7);
         assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn h2_stream_limit_and_reuse_port() {
+        let c = Config::from_toml(DEMO_TOML, &Env::default()).unwrap();
+        assert_eq!(c.server.h2_max_concurrent_streams, 100);
+        assert!(!c.server.reuse_port);
+        let env = Env::from_pairs([
+            ("MESHGATE_SERVER__REUSE_PORT", "true"),
+            ("MESHGATE_SERVER__H2_MAX_CONCURRENT_STREAMS", "250"),
+        ]);
+        let c = Config::from_toml(DEMO_TOML, &env).unwrap();
+        assert_eq!(c.server.h2_max_concurrent_streams, 250);
+        assert!(c.server.reuse_port);
+        for (n, message) in [
+            (0, "must be at least 1, got 0"),
+            (10_001, "must be at most 10000, got 10001"),
+        ] {
+            let p = problems(&format!("[server]\nh2_max_concurrent_streams = {n}"));
+            assert_eq!(
+                p,
+                [format!("server.h2_max_concurrent_streams: {message}")],
+                "{n}"
+            );
+        }
     }
 
     #[test]

@@ -160,6 +160,11 @@ pub struct RawServer {
     pub drain_delay: String,
     /// On shutdown, how long in-flight requests may take to finish. Default `30s`.
     pub grace_period: String,
+    /// Streams one HTTP/2 connection may have open at once; more are refused. Default 100.
+    pub h2_max_concurrent_streams: i64,
+    /// `SO_REUSEPORT` on the listeners, so a new process can bind the same ports while this
+    /// one drains (zero-downtime restart). Default false.
+    pub reuse_port: bool,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -174,6 +179,8 @@ impl Default for RawServer {
             max_connections: 10_000,
             drain_delay: "5s".into(),
             grace_period: "30s".into(),
+            h2_max_concurrent_streams: 100,
+            reuse_port: false,
             unknown: Unknown::new(),
         }
     }
