@@ -267,6 +267,10 @@ pub struct ServerConfig {
     pub escaped_slashes: EscapedSlashes,
     /// Collapse runs of `/` in a request path.
     pub merge_slashes: bool,
+    /// Streams one HTTP/2 connection may have open at once (1 to 10000).
+    pub h2_max_concurrent_streams: u32,
+    /// Bind the listeners with `SO_REUSEPORT`.
+    pub reuse_port: bool,
 }
 
 /// `[log]`.
@@ -908,7 +912,19 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             }
         },
         merge_slashes: raw.server.merge_slashes,
+        h2_max_concurrent_streams: c.count_in(
+            "server.h2_max_concurrent_streams",
+            raw.server.h2_max_concurrent_streams,
+            limits::H2_MAX_CONCURRENT_STREAMS,
+        ) as u32,
+        reuse_port: raw.server.reuse_port,
     };
+    if raw.server.reuse_port && !cfg!(unix) {
+        c.err(
+            "server.reuse_port",
+            "SO_REUSEPORT is only available on Unix systems",
+        );
+    }
 
     // CORS.
     let cors = raw.cors.as_ref().map(|rc| {
@@ -1447,6 +1463,31 @@ mod tests {
             p,
             ["server.escaped_slashes: unknown action \"decode\", expected one of keep, reject, unescape"]
         );
+    }
+
+    #[test]
+    fn h2_stream_limit_and_reuse_port() {
+        let c = Config::from_toml(DEMO_TOML, &Env::default()).unwrap();
+        assert_eq!(c.server.h2_max_concurrent_streams, 100);
+        assert!(!c.server.reuse_port);
+        let env = Env::from_pairs([
+            ("MESHGATE_SERVER__REUSE_PORT", "true"),
+            ("MESHGATE_SERVER__H2_MAX_CONCURRENT_STREAMS", "250"),
+        ]);
+        let c = Config::from_toml(DEMO_TOML, &env).unwrap();
+        assert_eq!(c.server.h2_max_concurrent_streams, 250);
+        assert!(c.server.reuse_port);
+        for (n, message) in [
+            (0, "must be from 1 to 10000, got 0"),
+            (10_001, "must be from 1 to 10000, got 10001"),
+        ] {
+            let p = problems(&format!("[server]\nh2_max_concurrent_streams = {n}"));
+            assert_eq!(
+                p,
+                [format!("server.h2_max_concurrent_streams: {message}")],
+                "{n}"
+            );
+        }
     }
 
     #[test]

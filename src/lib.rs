@@ -65,29 +65,59 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses in `config`.
+    /// Binds the addresses in `config`. With `server.reuse_port` every listener is bound with
+    /// `SO_REUSEPORT`, so a new process can bind the same ports while this one drains.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let main = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| with_addr(e, config.listen))?;
+        let reuse_port = config.server.reuse_port;
+        let main = bind_listener(config.listen, reuse_port)?;
         let admin = match config.admin.listen {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(|e| with_addr(e, a))?),
+            Some(a) => Some(bind_listener(a, reuse_port)?),
             None => None,
         };
         let tls = match &config.tls {
-            Some(t) => Some(
-                TcpListener::bind(t.listen)
-                    .await
-                    .map_err(|e| with_addr(e, t.listen))?,
-            ),
+            Some(t) => Some(bind_listener(t.listen, reuse_port)?),
             None => None,
         };
         Ok(Self { main, admin, tls })
     }
 }
 
-fn with_addr(e: std::io::Error, addr: SocketAddr) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("binding {addr}: {e}"))
+/// Binds one listener as tokio does (`SO_REUSEADDR` on Unix, backlog 1024), plus
+/// `SO_REUSEPORT` when asked for.
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // Lets a restarted gateway bind while the old one's connections sit in TIME_WAIT.
+        #[cfg(unix)]
+        socket.set_reuse_address(true)?;
+        // Validation rejects `reuse_port` elsewhere.
+        #[cfg(unix)]
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().map_err(|e| with_addr(e, addr, reuse_port))
+}
+
+fn with_addr(e: std::io::Error, addr: SocketAddr, reuse_port: bool) -> std::io::Error {
+    let hint = match (e.kind(), reuse_port) {
+        (std::io::ErrorKind::AddrInUse, false) => {
+            " (to start a new gateway while the old one drains, set server.reuse_port = true in both)"
+        }
+        (std::io::ErrorKind::AddrInUse, true) => {
+            " (the process holding it was started without server.reuse_port, or as another user)"
+        }
+        _ => "",
+    };
+    std::io::Error::new(e.kind(), format!("binding {addr}: {e}{hint}"))
 }
 
 /// Reloads the configuration from its file (SIGHUP, `POST /reload`, file changes).

@@ -30,15 +30,30 @@ fn tls_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .max_buf_size(cfg.max_header_bytes)
         .max_headers(cfg.max_headers)
         .keep_alive(true);
+    // HTTP/2 chosen by ALPN is served by `conn::serve_h2` with the plain builder; this one
+    // only sees clients that speak h2 over TLS without ALPN.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes as u32);
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
     builder
 }
 
+/// Streams a client may open and reset before the gateway takes them up; one more and the
+/// connection gets GOAWAY (ENHANCE_YOUR_CALM). This bounds the rapid-reset flood
+/// (CVE-2023-44487). h2's own default, set here so a dependency update cannot loosen it.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams the gateway may reset because the client broke the protocol on them before the
+/// connection gets GOAWAY ("MadeYouReset", CVE-2025-8671). hyper's default, set here for the
+/// same reason.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// Builds the plain-TCP builders: HTTP/1.1 (hyper only while a request is in flight) and h2c
-/// by prior knowledge.
+/// by prior knowledge (also used for TLS connections that chose h2 by ALPN).
 fn plain_builders(cfg: &ServerConfig) -> conn::Plain {
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
@@ -49,7 +64,10 @@ fn plain_builders(cfg: &ServerConfig) -> conn::Plain {
         .keep_alive(!cfg.keep_alive_timeout.is_zero());
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes as u32);
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
     conn::Plain {
         h1,
         h2,
@@ -202,7 +220,13 @@ pub async fn serve(
                         .map_err(BoxError::from)
                 }),
                 Some(acceptor) => Box::pin(async move {
+                    let settings_by = tokio::time::Instant::now() + first_byte_timeout;
                     match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                            conn::serve_h2(tls, service, &plain, settings_by, &signal)
+                                .await
+                                .map_err(BoxError::from)
+                        }
                         Ok(Ok(tls)) => {
                             let c = tls_builder
                                 .serve_connection_with_upgrades(TokioIo::new(tls), service);

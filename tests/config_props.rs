@@ -61,6 +61,7 @@ const KEYS: &[(Place, &str, Kind)] = {
         (Section("server"), "header_read_timeout", Duration),
         (Section("server"), "keep_alive_timeout", Duration),
         (Section("server"), "body_read_timeout", Duration),
+        (Section("server"), "h2_max_concurrent_streams", Count),
         (Section("server"), "max_connections", Count),
         (Section("server"), "drain_delay", Duration),
         (Section("server"), "grace_period", Duration),

@@ -179,3 +179,40 @@ async fn connections_left_after_the_grace_period_are_closed() {
         .unwrap();
     assert!(outcome.is_err(), "{outcome:?}");
 }
+
+/// A connection accepted before the listener closed whose first request arrives after the
+/// drain started is answered (with `Connection: close`), not closed unanswered: a restart must
+/// not drop requests already on their way.
+#[tokio::test]
+async fn a_connection_accepted_before_the_drain_gets_its_first_request_answered() {
+    let up = TestUpstream::builder().name("up").start().await;
+    let mut gw = start_in_front_of(&up.url(), "").await;
+    let mut w = support::wire::Wire::connect(gw.addr).await;
+    let open = || {
+        gw.state
+            .metrics
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(eventually(Duration::from_secs(5), || async { open() == 1 }).await);
+    let addr = gw.addr;
+    gw.signal_stop();
+    // The listener is closed (drain_delay is zero here), so the drain has begun.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            TcpStream::connect(addr).await.is_err()
+        })
+        .await
+    );
+    w.send(b"GET /late HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = w
+        .response(Duration::from_secs(5))
+        .await
+        .expect("the request was dropped unanswered");
+    assert_eq!(resp.status, 200);
+    assert!(resp.closes(), "{:?}", resp.headers);
+    assert_eq!(up.hits_on("/late"), 1);
+    gw.join(Duration::from_secs(5)).await.unwrap();
+}

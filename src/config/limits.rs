@@ -46,6 +46,10 @@ pub const MAX_IDLE_PER_HOST: RangeInclusive<i64> = 0..=10_000;
 /// `server.max_connections`: a semaphore's permits (tokio caps them at `usize::MAX >> 3`).
 pub const MAX_CONNECTIONS: RangeInclusive<i64> = 1..=1_000_000;
 
+/// `server.h2_max_concurrent_streams`: beyond it one connection could start more work than a
+/// whole well-behaved client population.
+pub const H2_MAX_CONCURRENT_STREAMS: RangeInclusive<i64> = 1..=10_000;
+
 /// `server.max_headers`: hyper allocates room for this many headers per request.
 pub const MAX_HEADERS: RangeInclusive<i64> = 1..=10_000;
 

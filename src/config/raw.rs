@@ -169,6 +169,11 @@ pub struct RawServer {
     pub escaped_slashes: String,
     /// Collapse runs of `/` in a path before routing. Default `false`.
     pub merge_slashes: bool,
+    /// Streams one HTTP/2 connection may have open at once; more are refused. Default 100.
+    pub h2_max_concurrent_streams: i64,
+    /// `SO_REUSEPORT` on the listeners, so a new process can bind the same ports while this
+    /// one drains (zero-downtime restart). Default false.
+    pub reuse_port: bool,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -187,6 +192,8 @@ impl Default for RawServer {
             grace_period: "30s".into(),
             escaped_slashes: "keep".into(),
             merge_slashes: false,
+            h2_max_concurrent_streams: 100,
+            reuse_port: false,
             unknown: Unknown::new(),
         }
     }

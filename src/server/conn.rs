@@ -207,6 +207,10 @@ impl Plain {
     }
 }
 
+/// Once the drain has started, how long a connection accepted before it may take to send its
+/// first request.
+const DRAIN_FIRST_REQUEST: Duration = Duration::from_secs(1);
+
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves one plain-TCP connection until the client closes it, it idles past
@@ -227,9 +231,27 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let first = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = tokio::time::timeout(plain.header_read_timeout, sniff(&stream)) => r,
+    let accepted = tokio::time::Instant::now();
+    // A connection accepted before the listener closed gets its first request answered even
+    // when the drain starts meanwhile (a restart must not drop requests already sent), but waits
+    // for it no longer than `DRAIN_FIRST_REQUEST` once draining.
+    let first = {
+        let deadline = tokio::time::sleep_until(accepted + plain.header_read_timeout);
+        let (mut deadline, mut sniffed) = (pin!(deadline), pin!(sniff(&stream)));
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = sniffed.as_mut() => break Ok(r),
+                _ = deadline.as_mut() => break Err(()),
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    let sooner = tokio::time::Instant::now() + DRAIN_FIRST_REQUEST;
+                    if sooner < deadline.deadline() {
+                        deadline.as_mut().reset(sooner);
+                    }
+                }
+            }
+        }
     };
     let mut prefix = match first {
         Ok(Ok(Sniffed::Http1(prefix))) => prefix,
@@ -239,9 +261,9 @@ where
                 prefix,
                 shared,
             };
+            let settings_by = accepted + plain.header_read_timeout;
             // Boxed: an HTTP/2 connection's state must not size every connection's task.
-            let mut conn = Box::pin(plain.h2.serve_connection(TokioIo::new(io), service));
-            return graceful(conn.as_mut(), shutdown).await;
+            return Box::pin(serve_h2(io, service, plain, settings_by, shutdown)).await;
         }
         Ok(Ok(Sniffed::Closed)) | Ok(Err(_)) => return Ok(()),
         Err(_) => {
@@ -250,6 +272,24 @@ where
         }
     };
     loop {
+        if shutdown.is_cancelled() {
+            // Draining with a request already read from the socket: answer it, with
+            // `Connection: close`, rather than close it unanswered.
+            let last = {
+                let mut h1 = plain.h1.clone();
+                h1.keep_alive(false);
+                let io = ConnIo {
+                    stream,
+                    prefix,
+                    shared: shared.clone(),
+                };
+                Box::pin(
+                    h1.serve_connection(TokioIo::new(io), service)
+                        .with_upgrades(),
+                )
+            };
+            return last.await;
+        }
         shared.releasing.store(false, Ordering::Relaxed);
         shared.reusable.store(true, Ordering::Relaxed);
         let before = shared.started.load(Ordering::Relaxed);
@@ -481,4 +521,379 @@ pub async fn graceful<C: Graceful>(
         _ = shutdown.cancelled() => conn.as_mut().start_graceful(),
     }
     conn.await
+}
+
+// === HTTP/2 ===
+
+/// What an HTTP/2 connection's watchdog knows: written by the connection's IO (SETTINGS) and
+/// by its streams (open count, last end), read by [`serve_h2`]. Atomics only: the streams run
+/// in their own tasks, on the request path.
+#[derive(Debug, Default)]
+struct H2Watch {
+    /// The client's first SETTINGS frame has been read in full.
+    settings_seen: AtomicBool,
+    /// Streams whose response body has not been dropped yet.
+    open: AtomicU32,
+    /// When the latest stream ended (`clock::now_ms`); 0 before the first.
+    last_end_ms: AtomicU64,
+}
+
+/// Where an HTTP/2 connection's watchdog is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum H2Phase {
+    /// Waiting for the client's first SETTINGS frame.
+    Settings,
+    /// Serving; GOAWAY once no stream has been open for `keep_alive_timeout`.
+    Serving,
+    /// GOAWAY sent: hyper closes once the open streams end and the client answers the PING;
+    /// a client that never answers is closed once it has no stream open.
+    GoingAway,
+}
+
+/// The shortest period at which a busy connection's watchdog looks again, so that zero
+/// timeouts cannot make it spin.
+const H2_RECHECK_FLOOR: Duration = Duration::from_millis(100);
+
+/// Serves an HTTP/2 connection (h2c by prior knowledge, or TLS that chose h2 by ALPN) with the
+/// bounds hyper has no setting for: the preface and the client's first SETTINGS frame must
+/// have arrived by `settings_by` or the connection is closed, and once no stream has been open
+/// for `keep_alive_timeout` the connection gets GOAWAY. After a GOAWAY (idle or `shutdown`),
+/// a client that leaves it unanswered is closed within `header_read_timeout` of its last
+/// stream ending.
+pub async fn serve_h2<I, S>(
+    io: I,
+    service: S,
+    plain: &Plain,
+    settings_by: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> hyper::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let watch = Arc::new(H2Watch::default());
+    let io = FirstSettings {
+        io,
+        watch: watch.clone(),
+        seen: 0,
+        header: [0; 9],
+        done: false,
+    };
+    let service = CountStreams {
+        inner: service,
+        watch: watch.clone(),
+    };
+    // The caller boxes this future (plain) or the task (TLS), so these stay inline.
+    let mut conn = pin!(plain.h2.serve_connection(TokioIo::new(io), service));
+    let mut timer = pin!(tokio::time::sleep_until(settings_by));
+    let mut phase = H2Phase::Settings;
+    // When the connection last became idle without a stream ending (SETTINGS arrival).
+    let mut idle_from_ms = 0;
+    let keep_alive = plain.keep_alive_timeout;
+    let recheck = keep_alive.max(H2_RECHECK_FLOOR);
+    let answer_within = plain.header_read_timeout.max(H2_RECHECK_FLOOR);
+    let mut cancelled = pin!(shutdown.cancelled());
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        // See `or_cancelled` for why the token's flag is read before its waiter is polled.
+        if phase != H2Phase::GoingAway && (!registered || shutdown.is_cancelled()) {
+            registered = true;
+            if cancelled.as_mut().poll(cx).is_ready() {
+                conn.as_mut().graceful_shutdown();
+                phase = H2Phase::GoingAway;
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + answer_within);
+            }
+        }
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        loop {
+            match phase {
+                H2Phase::Settings => {
+                    if watch.settings_seen.load(Ordering::Acquire) {
+                        phase = H2Phase::Serving;
+                        idle_from_ms = crate::clock::now_ms();
+                        timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + keep_alive);
+                        continue;
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        tracing::debug!("no HTTP/2 SETTINGS within header_read_timeout");
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
+                H2Phase::Serving => {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // The timer fires at most once per `keep_alive_timeout`; no stream start
+                    // or end has to wake this task.
+                    let wait = if watch.open.load(Ordering::Acquire) > 0 {
+                        recheck
+                    } else {
+                        let idle_since =
+                            idle_from_ms.max(watch.last_end_ms.load(Ordering::Acquire));
+                        let idle_for = crate::clock::now_ms().saturating_sub(idle_since);
+                        keep_alive.saturating_sub(Duration::from_millis(idle_for))
+                    };
+                    if !wait.is_zero() {
+                        timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                        continue;
+                    }
+                    tracing::debug!("HTTP/2 connection idle for keep_alive_timeout; GOAWAY");
+                    conn.as_mut().graceful_shutdown();
+                    phase = H2Phase::GoingAway;
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + answer_within);
+                    // hyper writes the GOAWAY when it is polled next.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                H2Phase::GoingAway => {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if watch.open.load(Ordering::Acquire) == 0 {
+                        tracing::debug!("client left GOAWAY unanswered; closing");
+                        return Poll::Ready(Ok(()));
+                    }
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + answer_within);
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// The connection's IO, watching the bytes read for the preface and the first frame, which
+/// must be SETTINGS (RFC 9113, 3.4); once that frame is complete it only passes bytes on.
+struct FirstSettings<I> {
+    io: I,
+    watch: Arc<H2Watch>,
+    /// Bytes read so far, until `done`.
+    seen: usize,
+    /// The first frame's header.
+    header: [u8; 9],
+    done: bool,
+}
+
+impl<I> FirstSettings<I> {
+    fn observe(&mut self, bytes: &[u8]) {
+        const HEAD: usize = H2_PREFACE.len() + 9;
+        for (&b, at) in bytes.iter().zip(self.seen..HEAD) {
+            if at >= H2_PREFACE.len() {
+                self.header[at - H2_PREFACE.len()] = b;
+            }
+        }
+        self.seen = self.seen.saturating_add(bytes.len());
+        if self.seen < HEAD {
+            return;
+        }
+        let [l0, l1, l2, kind, ..] = self.header;
+        if kind != 0x4 {
+            // Not SETTINGS: hyper ends the connection with a protocol error.
+            self.done = true;
+            return;
+        }
+        let len = u32::from_be_bytes([0, l0, l1, l2]) as usize;
+        if self.seen >= HEAD + len {
+            self.done = true;
+            self.watch.settings_seen.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstSettings<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.done && matches!(r, Poll::Ready(Ok(()))) {
+            this.observe(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstSettings<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The service of an HTTP/2 connection, counting each stream as open from its request until
+/// its response body is dropped (finished, or reset by the client).
+struct CountStreams<S> {
+    inner: S,
+    watch: Arc<H2Watch>,
+}
+
+impl<S, B> Service<Request<Incoming>> for CountStreams<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<Counted<B>>;
+    type Error = S::Error;
+    type Future = CountedFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.watch.open.fetch_add(1, Ordering::AcqRel);
+        CountedFuture {
+            inner: self.inner.call(req),
+            stream: Some(OpenStream(self.watch.clone())),
+        }
+    }
+}
+
+/// One open stream; dropping it counts the stream out.
+struct OpenStream(Arc<H2Watch>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        // The end time first: the watchdog reads it after seeing no stream open.
+        self.0
+            .last_end_ms
+            .store(crate::clock::now_ms(), Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response future that moves its stream's count into the response body.
+    struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        stream: Option<OpenStream>,
+    }
+}
+
+impl<F, B, E> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Counted<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let r = std::task::ready!(this.inner.poll(cx));
+        let stream = this.stream.take();
+        Poll::Ready(r.map(|resp| resp.map(|body| Counted { body, stream })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its stream counted as open until it is dropped.
+    struct Counted<B> {
+        #[pin]
+        body: B,
+        stream: Option<OpenStream>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_settings() -> FirstSettings<()> {
+        FirstSettings {
+            io: (),
+            watch: Arc::default(),
+            seen: 0,
+            header: [0; 9],
+            done: false,
+        }
+    }
+
+    #[test]
+    fn first_settings_is_seen_only_once_complete_however_the_reads_split() {
+        // Preface, SETTINGS with one parameter (6 bytes), then a HEADERS frame's start.
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&[0, 3, 0, 0, 0, 100]);
+        let complete = bytes.len();
+        bytes.extend_from_slice(&[0, 0, 9, 0x1]);
+        for split in 0..bytes.len() {
+            let mut w = first_settings();
+            w.observe(&bytes[..split]);
+            assert_eq!(
+                w.watch.settings_seen.load(Ordering::Relaxed),
+                split >= complete,
+                "one read of {split} bytes"
+            );
+            w.observe(&bytes[split..]);
+            assert!(
+                w.watch.settings_seen.load(Ordering::Relaxed),
+                "split at {split}"
+            );
+            assert!(w.done);
+        }
+    }
+
+    #[test]
+    fn a_first_frame_other_than_settings_is_never_taken_for_it() {
+        let mut w = first_settings();
+        let mut bytes = H2_PREFACE.to_vec();
+        bytes.extend_from_slice(&[0, 0, 0, 0x6, 0, 0, 0, 0, 0]); // PING, empty
+        w.observe(&bytes);
+        assert!(w.done);
+        assert!(!w.watch.settings_seen.load(Ordering::Relaxed));
+    }
 }
