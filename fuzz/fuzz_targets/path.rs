@@ -1,0 +1,7 @@
+//! cargo-fuzz entry for the `path` target; the body is shared with tests/fuzz_corpus.rs.
+#![no_main]
+
+#[path = "../targets.rs"]
+mod targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::path(data));
