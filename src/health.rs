@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Empty;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -15,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::balancer::{Endpoint, ServicePool};
+use crate::tls::{TlsError, UpstreamTls};
 
 /// A validated `health_check`.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,16 +77,25 @@ pub struct HealthChange {
 /// Called on every transition (the seed's `OnHealthChange`).
 pub type HealthCallback = Arc<dyn Fn(&HealthChange) + Send + Sync>;
 
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+type ProbeClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-fn probe_client(timeout: Duration) -> ProbeClient {
+/// A probe client for plain and TLS endpoints: `https` (and `wss`) services are probed over
+/// TLS with the route's `upstream_tls` settings (system roots when it has none), HTTP/1.1.
+fn probe_client(timeout: Duration, tls: &UpstreamTls) -> Result<ProbeClient, TlsError> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(timeout));
     http.set_nodelay(true);
+    http.enforce_http(false);
+    let connector = crate::tls::https_connector(
+        crate::tls::client_config(tls)?,
+        tls.server_name.clone(),
+        http,
+        true,
+    );
     // A fresh connection per probe: a probe must notice a dead listener, not a pooled socket.
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
-        .build(http)
+        .build(connector))
 }
 
 /// Probes one endpoint; `Err` says why it failed.
@@ -139,10 +150,19 @@ struct Streak {
 pub async fn run_probes(
     pool: Arc<ServicePool>,
     check: HealthCheck,
+    tls: UpstreamTls,
     on_change: Option<HealthCallback>,
     cancel: CancellationToken,
 ) {
-    let client = probe_client(check.timeout);
+    let client = match probe_client(check.timeout, &tls) {
+        Ok(c) => c,
+        Err(e) => {
+            // Only a broken system trust store or unreadable files get here; config
+            // validation read the same files already. Endpoints keep their state.
+            tracing::warn!(service = %pool.name(), error = %crate::proxy::Chain(&e), "health probes cannot start: TLS settings unusable");
+            return;
+        }
+    };
     let mut streaks: HashMap<String, Streak> = HashMap::new();
     let first_delay = check.jitter.mul_f64(fastrand::f64());
     tokio::select! {

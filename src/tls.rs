@@ -183,6 +183,31 @@ pub fn server_config(pairs: &[CertPair]) -> Result<Arc<rustls::ServerConfig>, Tl
     Ok(Arc::new(cfg))
 }
 
+/// A connector that speaks TLS to `https` URIs (and plain TCP to `http` ones) with `tls`, sending
+/// `server_name` as SNI and verifying it instead of the URI's host when set. `http1_only`
+/// offers only HTTP/1.1 by ALPN (upgrades and probes need it); otherwise h2 is offered too.
+pub fn https_connector(
+    tls: rustls::ClientConfig,
+    server_name: Option<String>,
+    http: hyper_util::client::legacy::connect::HttpConnector,
+    http1_only: bool,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let builder = match server_name.and_then(|n| ServerName::try_from(n).ok()) {
+        Some(name) => {
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    if http1_only {
+        builder.enable_http1().wrap_connector(http)
+    } else {
+        builder.enable_all_versions().wrap_connector(http)
+    }
+}
+
 /// Builds the client configuration for upstream TLS (ALPN is set by the connector, which
 /// knows whether the client speaks HTTP/2).
 pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, TlsError> {

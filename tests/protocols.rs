@@ -331,3 +331,58 @@ async fn server_sent_events_arrive_as_they_are_sent() {
     }
     stop.cancel();
 }
+
+/// Active HTTP probes of an `https` service speak TLS with the route's `upstream_tls`: the
+/// endpoint passes its probe and takes traffic (it used to be probed with a plain-HTTP client
+/// that can never reach an `https` URL, so it never became healthy), and the probe reads the
+/// status it got over TLS.
+#[tokio::test]
+async fn https_services_are_probed_over_tls_with_the_routes_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cert(dir.path(), "probed", &["localhost"]);
+    let up = GrpcUpstream::start_tls(&c).await;
+    let config = |expected: &str| {
+        format!(
+            r#"
+            [[routes]]
+            path = "/"
+            targets = ["https://localhost:{}"]
+            upstream_tls = {{ ca_file = "{}" }}
+            start_unhealthy = {}
+            health_check = {{ path = "/health", interval = "50ms", timeout = "1s", healthy_threshold = 1, unhealthy_threshold = 1, jitter = "0s", expected_status = "{expected}" }}
+            "#,
+            up.addr.port(),
+            c.cert.display(),
+            expected == "200-299",
+        )
+    };
+    let probed = || {
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.uri == "/health")
+            .count()
+    };
+    let gw = start(&config("200-299")).await;
+    let http = client();
+    assert!(
+        support::gateway::eventually(Duration::from_secs(5), || async {
+            http.get(gw.url("/x")).send().await.unwrap().status() == 200
+        })
+        .await,
+        "the https endpoint never passed its probe"
+    );
+    assert!(probed() >= 1, "no probe reached the upstream over TLS");
+    gw.stop().await;
+
+    // The status read over TLS decides: 200 is not what this check expects.
+    let gw = start(&config("500-599")).await;
+    assert!(
+        support::gateway::eventually(Duration::from_secs(5), || async {
+            http.get(gw.url("/x")).send().await.unwrap().status() == 503
+        })
+        .await,
+        "a probe answered with an unexpected status left the endpoint healthy"
+    );
+}

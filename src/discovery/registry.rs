@@ -17,6 +17,7 @@ use crate::health::{HealthCallback, HealthCheck};
 use crate::proxy::limit::Limiter;
 use crate::proxy::{ErrorHandler, ProxyState};
 use crate::routes::{Rewrite, Route, RouteTable};
+use crate::tls::UpstreamTls;
 
 /// Where a service's endpoints come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -43,6 +44,8 @@ pub struct ServiceEntry {
 
 struct Probe {
     check: HealthCheck,
+    /// TLS for `https` endpoints: the `upstream_tls` of a route on the service.
+    tls: UpstreamTls,
     cancel: CancellationToken,
 }
 
@@ -311,6 +314,15 @@ impl Registry {
             .filter(|r| r.upstream_tls.is_some() && matches!(r.backend, Backend::Service(_)))
             .map(|r| r.service_name().clone())
             .collect();
+        // What probes of a service speak TLS with: the first route on it that sets upstream_tls.
+        let mut probe_tls: BTreeMap<Arc<str>, UpstreamTls> = BTreeMap::new();
+        for r in &all {
+            if let Some(t) = &r.upstream_tls {
+                probe_tls
+                    .entry(r.service_name().clone())
+                    .or_insert_with(|| t.clone());
+            }
+        }
         // Services and their sources.
         let mut wanted: BTreeMap<Arc<str>, (Source, Option<StaticService>, ServiceSettings)> =
             BTreeMap::new();
@@ -433,7 +445,7 @@ impl Registry {
 
         if spawn {
             self.spawn_watches(inner, &consul_services);
-            self.spawn_probes(inner, &wanted);
+            self.spawn_probes(inner, &wanted, &probe_tls);
         }
 
         // Publish.
@@ -594,14 +606,16 @@ impl Registry {
         &self,
         inner: &mut Inner,
         wanted: &BTreeMap<Arc<str>, (Source, Option<StaticService>, ServiceSettings)>,
+        probe_tls: &BTreeMap<Arc<str>, UpstreamTls>,
     ) {
         let mut probes = BTreeMap::new();
         for (name, (_, _, settings)) in wanted {
             let Some(check) = &settings.health_check else {
                 continue;
             };
+            let tls = probe_tls.get(name).cloned().unwrap_or_default();
             match inner.probes.remove(name) {
-                Some(p) if &p.check == check => {
+                Some(p) if &p.check == check && p.tls == tls => {
                     probes.insert(name.clone(), p);
                 }
                 old => {
@@ -612,6 +626,7 @@ impl Registry {
                     self.tracker.spawn(crate::health::run_probes(
                         inner.pools[name].clone(),
                         check.clone(),
+                        tls.clone(),
                         self.on_health_change.clone(),
                         cancel.clone(),
                     ));
@@ -619,6 +634,7 @@ impl Registry {
                         name.clone(),
                         Probe {
                             check: check.clone(),
+                            tls,
                             cancel,
                         },
                     );

@@ -88,19 +88,8 @@ fn build(
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
     http.enforce_http(false);
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http();
-    let builder = match server_name.and_then(|n| rustls::pki_types::ServerName::try_from(n).ok()) {
-        Some(name) => {
-            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-        }
-        None => builder,
-    };
-    let connector = match transport {
-        Transport::Http1 => builder.enable_http1().wrap_connector(http),
-        Transport::Auto | Transport::H2c => builder.enable_all_versions().wrap_connector(http),
-    };
+    let connector =
+        crate::tls::https_connector(tls, server_name, http, transport == Transport::Http1);
     let mut client = Client::builder(TokioExecutor::new());
     client
         .pool_idle_timeout(cfg.idle_timeout)
