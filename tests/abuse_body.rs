@@ -229,12 +229,10 @@ async fn connections_stay_open_after_bodies_that_were_read() {
     assert!(up.requests().iter().all(|r| r.body_len == 5));
 }
 
-/// Sends a chunked POST with `body` as the raw chunked framing to a streamed route and returns
-/// the status; then checks nothing was charged to the endpoint.
-async fn malformed_chunked(framing: &str) {
-    let up = TestUpstream::builder().echo().start().await;
-    // attempts = 1 and a body larger than the replay limit: the body streams to the upstream.
-    let gw = start(&format!(
+/// A gateway with one route `stream` to `up` without retries, so bodies stream upstream instead
+/// of being read first, whose endpoint one gateway failure ejects: anything charged to it shows.
+async fn streamed_gateway(up: &TestUpstream) -> TestGateway {
+    start(&format!(
         r#"
         [[routes]]
         name = "stream"
@@ -245,7 +243,14 @@ async fn malformed_chunked(framing: &str) {
         "#,
         up.url()
     ))
-    .await;
+    .await
+}
+
+/// Sends a chunked POST with `body` as the raw chunked framing to a streamed route and returns
+/// the status; then checks nothing was charged to the endpoint.
+async fn malformed_chunked(framing: &str) {
+    let up = TestUpstream::builder().echo().start().await;
+    let gw = streamed_gateway(&up).await;
     let mut w = Wire::connect(gw.addr).await;
     let head = "POST /upload HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n";
     w.send(format!("{head}{framing}").as_bytes()).await.unwrap();
@@ -292,17 +297,7 @@ async fn malformed_chunked_bodies_are_the_clients_fault() {
 #[tokio::test]
 async fn repeated_malformed_bodies_do_not_eject_the_endpoint() {
     let up = TestUpstream::builder().start().await;
-    let gw = start(&format!(
-        r#"
-        [[routes]]
-        name = "stream"
-        path = "/"
-        targets = ["{}"]
-        retry = {{ attempts = 1 }}
-        "#,
-        up.url()
-    ))
-    .await;
+    let gw = streamed_gateway(&up).await;
     for _ in 0..8 {
         let mut w = Wire::connect(gw.addr).await;
         w.send(b"POST /u HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n")
@@ -398,18 +393,7 @@ async fn a_drip_fed_body_is_bounded_by_the_route_timeout() {
 #[tokio::test]
 async fn an_aborted_upload_is_not_charged_and_its_upstream_connection_is_not_reused() {
     let up = TestUpstream::builder().start().await;
-    let gw = start(&format!(
-        r#"
-        [[routes]]
-        name = "stream"
-        path = "/"
-        targets = ["{}"]
-        retry = {{ attempts = 1 }}
-        outlier = {{ consecutive_gateway_failures = 1, max_ejection_percent = 100 }}
-        "#,
-        up.url()
-    ))
-    .await;
+    let gw = streamed_gateway(&up).await;
     let c = client();
     // One normal request first opens (and pools) one upstream connection.
     assert_eq!(c.get(gw.url("/warm")).send().await.unwrap().status(), 200);

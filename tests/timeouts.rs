@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::gateway::{client, eventually, start};
+use support::gateway::{client, eventually, start, TestGateway};
 use support::upstream::TestUpstream;
 use support::util::raw_exchange;
 use tokio::time::Instant;
@@ -57,17 +57,10 @@ async fn per_try_timeout_moves_a_slow_attempt_to_another_endpoint() {
     assert_eq!(slow.hits_on("/x"), 1);
 }
 
-/// Envoy's users expect `reset` (in the default `retry.on`) to cover an attempt that did not
-/// answer in time: with two slow endpoints, both are tried within the route's `timeout`, and
-/// the request ends with 504 when that runs out.
-#[tokio::test]
-async fn default_retry_on_moves_a_per_try_timeout_to_the_other_endpoint() {
-    let c = client();
-    let slow = || {
-        TestUpstream::builder()
-            .delay("/x", Duration::from_secs(3))
-            .start()
-    };
+/// Two upstreams that take `delay` to answer `/x`, behind service `svc` on route `/x` with the
+/// given route settings (TOML lines).
+async fn slow_pair(delay: Duration, route: &str) -> (TestUpstream, TestUpstream, TestGateway) {
+    let slow = || TestUpstream::builder().delay("/x", delay).start();
     let (a, b) = (slow().await, slow().await);
     let gw = start(&format!(
         r#"
@@ -76,12 +69,26 @@ async fn default_retry_on_moves_a_per_try_timeout_to_the_other_endpoint() {
         [[routes]]
         path = "/x"
         service = "svc"
-        timeout = "1s"
-        retry = {{ attempts = 3, per_try_timeout = "400ms", backoff = "10ms", max_backoff = "10ms" }}
+        {route}
         "#,
         a.url(),
         b.url()
     ))
+    .await;
+    (a, b, gw)
+}
+
+/// Envoy's users expect `reset` (in the default `retry.on`) to cover an attempt that did not
+/// answer in time: with two slow endpoints, both are tried within the route's `timeout`, and
+/// the request ends with 504 when that runs out.
+#[tokio::test]
+async fn default_retry_on_moves_a_per_try_timeout_to_the_other_endpoint() {
+    let c = client();
+    let (a, b, gw) = slow_pair(
+        Duration::from_secs(3),
+        r#"timeout = "1s"
+        retry = { attempts = 3, per_try_timeout = "400ms", backoff = "10ms", max_backoff = "10ms" }"#,
+    )
     .await;
     let started = Instant::now();
     let resp = c.get(gw.url("/x")).send().await.unwrap();
@@ -135,25 +142,11 @@ async fn per_try_timeout_without_timeout_retries_is_a_504() {
 #[tokio::test]
 async fn the_route_timeout_bounds_every_attempt_together() {
     let c = client();
-    let slow = || {
-        TestUpstream::builder()
-            .delay("/x", Duration::from_secs(2))
-            .start()
-    };
-    let (a, b) = (slow().await, slow().await);
-    let gw = start(&format!(
-        r#"
-        [discovery.static.services]
-        svc = ["{}", "{}"]
-        [[routes]]
-        path = "/x"
-        service = "svc"
-        timeout = "300ms"
-        retry = {{ attempts = 3, per_try_timeout = "100ms", on = ["timeout"], backoff = "10ms", max_backoff = "10ms" }}
-        "#,
-        a.url(),
-        b.url()
-    ))
+    let (a, b, gw) = slow_pair(
+        Duration::from_secs(2),
+        r#"timeout = "300ms"
+        retry = { attempts = 3, per_try_timeout = "100ms", on = ["timeout"], backoff = "10ms", max_backoff = "10ms" }"#,
+    )
     .await;
     let started = Instant::now();
     let resp = c.get(gw.url("/x")).send().await.unwrap();
