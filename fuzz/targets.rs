@@ -4,10 +4,12 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 use meshgate::config::{Config, Env};
-use meshgate::proxy::{head, headers};
-use meshgate::routes::{normalise_path, remove_dot_segments, rewrite_path, EscapedSlashes, Rewrite};
 use meshgate::discovery::consul::{
     excluded_instances, parse_tag_routes_with_warnings, to_discovered, ServiceEntry, WarningMode,
+};
+use meshgate::proxy::{head, headers};
+use meshgate::routes::{
+    normalise_path, remove_dot_segments, rewrite_path, EscapedSlashes, Rewrite,
 };
 
 /// Configuration loading and validation: any text either validates or yields errors.
@@ -72,7 +74,10 @@ pub fn request_head(data: &[u8]) {
         map.append(name, value);
     }
     if let Ok(Some(host)) = head::validate(version, &uri, &map) {
-        assert!(head::is_valid_host(host.as_bytes()), "validated an invalid host {host:?}");
+        assert!(
+            head::is_valid_host(host.as_bytes()),
+            "validated an invalid host {host:?}"
+        );
     }
     for websocket in [false, true] {
         let mut h = map.clone();
@@ -98,7 +103,10 @@ pub fn request_head(data: &[u8]) {
             continue;
         }
         if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            assert!(!h.contains_key(&name), "{name} named in Connection survives");
+            assert!(
+                !h.contains_key(&name),
+                "{name} named in Connection survives"
+            );
         }
     }
     for te in h.get_all(http::header::TE) {
@@ -129,7 +137,10 @@ pub fn path(data: &[u8]) {
             if mode == EscapedSlashes::Unescape {
                 let lower = once.to_ascii_lowercase();
                 assert!(!lower.contains("%2f") && !lower.contains("%5c") && !once.contains('\\'));
-                assert!(remove_dot_segments(&once).is_none(), "{once:?} has dot segments");
+                assert!(
+                    remove_dot_segments(&once).is_none(),
+                    "{once:?} has dot segments"
+                );
             }
             if merge {
                 assert!(!once.contains("//"), "{once:?} has //");

@@ -477,20 +477,6 @@ pub trait Graceful: Future {
     fn start_graceful(self: Pin<&mut Self>);
 }
 
-impl<I, S, E> Graceful for http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    S::ResBody: http_body::Body + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn start_graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 /// Runs `fut` to its end, or until `token` is cancelled (`None`). The cancellation waiter is
 /// polled once to register and then only after the token's flag says it fired: every poll of
 /// a registered tokio waiter takes the lock on its waiter list, and a connection's task is
