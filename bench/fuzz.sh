@@ -29,10 +29,15 @@ for t in "${targets[@]}"; do
     cp "fuzz/corpus/$t"/* "$work/new/" 2>/dev/null || true
     set +e
     cargo +nightly fuzz run "$t" "$work/new" -- -max_total_time="$secs" -timeout=10 \
-        -rss_limit_mb=2048 -max_len=65536 -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1
+        -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+        -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1
     status=$?
     set -e
-    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+    if [ "$status" -ne 0 ]; then
+        echo "fuzz.sh: $t exited $status; the end of its log:" >&2
+        tail -30 "$log" >&2
+    fi
     crashes=$(find "fuzz/artifacts/$t" -type f | wc -l)
     # Keep a minimal corpus that covers what the run found.
     cargo +nightly fuzz cmin "$t" "$work/new" >/dev/null 2>&1 || true
