@@ -813,12 +813,18 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn http_client(pooled: bool) -> reqwest::Client {
+fn client_builder() -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut b = reqwest::Client::builder().no_proxy().timeout(OP_LIMIT);
-    if !pooled {
-        b = b.pool_max_idle_per_host(0);
-    }
+    reqwest::Client::builder().no_proxy().timeout(OP_LIMIT)
+}
+
+fn http_client(pooled: bool) -> reqwest::Client {
+    let b = client_builder();
+    let b = if pooled {
+        b
+    } else {
+        b.pool_max_idle_per_host(0)
+    };
     b.build().unwrap()
 }
 
@@ -1185,7 +1191,12 @@ where
 #[ignore = "long: bench/soak.sh runs it (SOAK_MINUTES, SOAK_OUT)"]
 async fn soak() {
     let settings = Settings::from_env();
-    let admin_http = http_client(true);
+    // The sampler idles about a minute between samples, as long as the gateway's keep-alive
+    // timeout (60 s): it drops its idle connection first, so it never races the gateway's close.
+    let admin_http = client_builder()
+        .pool_idle_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
 
     // Upstreams, the Consul emulator with three passing instances per service, the gateway.
     let consul = Arc::new(ConsulEmulator::start().await);
