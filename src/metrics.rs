@@ -501,6 +501,17 @@ impl Collector for GatewayCollector {
             &consul_synced,
         )?;
 
+        // Counts every task the runtime has spawned and not yet finished (connections, splices,
+        // watches, probes): a soak watches it for tasks that never end.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            gauge(
+                &mut enc,
+                "meshgate_runtime_alive_tasks",
+                "Tokio tasks alive now (spawned and not yet finished).",
+                &[(vec![], rt.metrics().num_alive_tasks() as f64)],
+            )?;
+        }
+
         if let Some(p) = process_figures() {
             let mut m = enc.encode_descriptor(
                 "process_cpu_seconds",

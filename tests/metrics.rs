@@ -124,6 +124,8 @@ async fn metrics_reflect_known_traffic() {
     assert_eq!(value(&scrape, "meshgate_requests_in_flight", &[]), 0.0);
     assert!(value(&scrape, "process_resident_memory_bytes", &[]) > 1e6);
     assert!(value(&scrape, "meshgate_connections_accepted_total", &[]) >= 1.0);
+    // At least the accept loops and the connection serving this scrape are alive.
+    assert!(value(&scrape, "meshgate_runtime_alive_tasks", &[]) >= 2.0);
 
     // The whole-request histogram counted all 8 routed requests.
     match &find(&scrape, "meshgate_request_duration_seconds", &api)
