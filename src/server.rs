@@ -175,13 +175,12 @@ pub async fn serve(
                 let (parts, body) = req.into_parts();
                 let (body, end) = proxy::ClientBody::new(body, body_read_timeout);
                 let req = Request::from_parts(parts, body);
-                let shared = shared.clone();
                 async move {
                     let mut resp = dispatch(&state, role, req, peer).await;
                     if end.is_some_and(|end| !end.load(std::sync::atomic::Ordering::Acquire)) {
                         // Answered before the body was read to its end: what follows on the
                         // socket is body, never a request. Close, reading out the rest first.
-                        shared.end_unread();
+                        mark.end_unread();
                         if version <= http::Version::HTTP_11 {
                             resp.headers_mut().insert(
                                 http::header::CONNECTION,

@@ -139,6 +139,21 @@ pub enum ProxyError {
     },
 }
 
+impl From<RequestBodyError> for ProxyError {
+    /// Reading the client's body failed: always the client's fault.
+    fn from(e: RequestBodyError) -> Self {
+        match e {
+            RequestBodyError::TooLarge { limit } => Self::BodyTooLarge { limit },
+            RequestBodyError::Read(ClientBodyError::Malformed(_)) => Self::ClientBody {
+                source: Box::new(e),
+            },
+            RequestBodyError::Read(_) => Self::ClientTimeout {
+                source: Some(Box::new(e)),
+            },
+        }
+    }
+}
+
 impl ProxyError {
     /// The client's fault when `err` (or an error in its source chain) says the request body
     /// failed on the client's side; `None` when the fault is elsewhere.

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use super::body::{ClientBody, RequestBody, RequestBodyError, ResponseBody};
+use super::body::{ClientBody, RequestBody, ResponseBody};
 use super::error::{ProxyError, UpstreamError};
 use super::headers;
 use super::retry::is_idempotent;
@@ -192,7 +192,7 @@ pub async fn forward(
         match tokio::time::timeout_at(deadline, read).await {
             Ok(Ok(Ok(chunks))) => Payload::Replayable(chunks),
             Ok(Ok(Err(stream))) => Payload::Stream(Some(stream)),
-            Ok(Err(e)) => return Err(ProxyError::client_fault(e).unwrap_or_else(unreachable_fault)),
+            Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(ProxyError::ClientTimeout { source: None }),
         }
     } else {
@@ -508,11 +508,4 @@ fn upstream_path(
         None => PathAndQuery::try_from(path.as_ref()),
     };
     pq.map_err(|e| ProxyError::InvalidRequest { source: e.into() })
-}
-
-/// `read_up_to` fails only on the client's side; kept total in case that ever changes.
-fn unreachable_fault(e: RequestBodyError) -> ProxyError {
-    ProxyError::ClientBody {
-        source: Box::new(e),
-    }
 }

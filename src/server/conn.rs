@@ -100,6 +100,13 @@ impl ConnShared {
 #[derive(Debug)]
 pub struct RequestMark(Arc<ConnShared>);
 
+impl RequestMark {
+    /// See [`ConnShared::end_unread`]: this request was answered with its body unread.
+    pub fn end_unread(&self) {
+        self.0.end_unread();
+    }
+}
+
 impl Drop for RequestMark {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
