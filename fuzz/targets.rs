@@ -7,10 +7,10 @@ use meshgate::config::{Config, Env};
 use meshgate::discovery::consul::{
     excluded_instances, parse_tag_routes_with_warnings, to_discovered, ServiceEntry, WarningMode,
 };
-use meshgate::proxy::{head, headers};
-use meshgate::routes::{
+use meshgate::rules::path::{
     normalise_path, remove_dot_segments, rewrite_path, EscapedSlashes, Rewrite,
 };
+use meshgate::rules::{head, headers};
 
 /// Configuration loading and validation: any text either validates or yields errors.
 pub fn config(data: &[u8]) {

@@ -4,57 +4,42 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
 use crate::balancer::Endpoint;
-use crate::discovery::registry::ServiceEntry;
-use crate::proxy::{json_response, ProxyState, ResponseBody};
+use crate::body::ClientBody;
+use crate::control::reload::Reloader;
+use crate::control::{ControlState, LiveService};
+use crate::proxy::{json_response, ResponseBody};
+use crate::server::AdminService;
 
 /// The self-contained dashboard page (no external assets).
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
-/// Readiness and uptime. Readiness starts false and is set once discovery has synced; it goes
-/// false again first thing on shutdown so load balancers stop sending before we stop accepting.
-#[derive(Debug)]
-pub struct AdminState {
-    ready: AtomicBool,
-    shutting_down: AtomicBool,
-    started: Instant,
+/// The admin service: admin views over the control state, behind an optional bearer token.
+pub struct Admin {
+    control: Arc<ControlState>,
     token: Option<String>,
+    reloader: Option<Arc<Reloader>>,
 }
 
-impl AdminState {
-    /// Not ready yet; `token`, when set, is required for everything but `/live` and `/ready`.
-    pub fn new(token: Option<String>) -> Self {
+impl Admin {
+    /// `token`, when set, is required for everything but `/live`, `/ready` and `/dashboard`;
+    /// `reloader` answers `POST /reload` when the gateway was started from a file.
+    pub fn new(
+        control: Arc<ControlState>,
+        token: Option<String>,
+        reloader: Option<Arc<Reloader>>,
+    ) -> Self {
         Self {
-            ready: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
-            started: Instant::now(),
+            control,
             token,
+            reloader,
         }
-    }
-
-    /// Marks the gateway ready or not; once shutdown began it stays not ready.
-    pub fn set_ready(&self, ready: bool) {
-        let ready = ready && !self.shutting_down.load(Ordering::SeqCst);
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-
-    /// First step of shutdown: readiness fails from now on.
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
-        self.ready.store(false, Ordering::SeqCst);
-    }
-
-    /// Whether `/ready` answers 200.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
     }
 
     fn authorized<B>(&self, req: &Request<B>) -> bool {
@@ -68,18 +53,24 @@ impl AdminState {
     }
 }
 
+impl AdminService for Admin {
+    fn respond(&self, req: &Request<ClientBody>) -> Response<ResponseBody> {
+        respond(self, req)
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Answers an admin request (the admin listener's whole service).
-pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody> {
+fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<ResponseBody> {
     let path = req.uri().path();
-    let admin = &state.admin;
+    let state = &*admin.control;
     match (req.method(), path) {
         (&Method::GET, "/live") => json_response(StatusCode::OK, &json!({"status": "alive"})),
         (&Method::GET, "/ready") => {
-            if admin.is_ready() {
+            if state.readiness.is_ready() {
                 json_response(StatusCode::OK, &json!({"ready": true}))
             } else {
                 json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false}))
@@ -110,9 +101,9 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
         (&Method::GET, "/explain") => explain(state, req.uri().query()),
         (&Method::GET, "/metrics") => {
             let text = state
-                .registry
+                .prometheus
                 .get()
-                .map(crate::metrics::render)
+                .map(crate::control::prometheus::render)
                 .unwrap_or_default();
             let mut resp = Response::new(ResponseBody::full(text));
             resp.headers_mut().insert(
@@ -121,7 +112,7 @@ pub fn respond<B>(state: &ProxyState, req: &Request<B>) -> Response<ResponseBody
             );
             resp
         }
-        (&Method::POST, "/reload") => match state.reloader.get() {
+        (&Method::POST, "/reload") => match &admin.reloader {
             None => json_response(
                 StatusCode::CONFLICT,
                 &json!({"error": "Conflict", "message": "this gateway was not started from a config file"}),
@@ -168,7 +159,7 @@ const REDACTED: &str = "<redacted>";
 
 /// The `/config` document: the file as loaded (merged with `MESHGATE_*`), with secrets
 /// redacted, plus settings resolved from the environment (trace export, the Consul address).
-pub fn config_view(state: &ProxyState) -> Value {
+pub fn config_view(state: &ControlState) -> Value {
     let Some(config) = state.config.load_full() else {
         return json!({"config": null});
     };
@@ -232,7 +223,7 @@ fn is_secret_key(k: &str) -> bool {
 
 /// `GET /explain?url=PATH&method=GET`: the route the request would take (after
 /// dot-normalisation), the endpoints that could serve it, and why each other one cannot.
-fn explain(state: &ProxyState, query: Option<&str>) -> Response<ResponseBody> {
+fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> {
     let bad = |message: String| {
         json_response(
             StatusCode::BAD_REQUEST,
@@ -264,7 +255,7 @@ fn explain(state: &ProxyState, query: Option<&str>) -> Response<ResponseBody> {
         "" => "/",
         p => p,
     };
-    let normalised = crate::routes::remove_dot_segments(raw_path);
+    let normalised = crate::rules::path::remove_dot_segments(raw_path);
     let path = normalised.as_deref().unwrap_or(raw_path);
     let request = json!({
         "method": method,
@@ -273,7 +264,7 @@ fn explain(state: &ProxyState, query: Option<&str>) -> Response<ResponseBody> {
         "normalised_path": path,
         "query": uri.query(),
     });
-    let table = state.table.load();
+    let table = state.proxy.table.load();
     let Some(route) = table.find(path).cloned() else {
         return json_response(
             StatusCode::OK,
@@ -368,7 +359,7 @@ fn explain(state: &ProxyState, query: Option<&str>) -> Response<ResponseBody> {
                 .collect()
         })
         .unwrap_or_default();
-    let upstream_path = crate::routes::rewrite_path(path, &route.rewrite);
+    let upstream_path = crate::rules::path::rewrite_path(path, &route.rewrite);
     let outcome = if candidates.is_empty() {
         format!(
             "no endpoint of service {} can take it: the answer is 503",
@@ -439,7 +430,7 @@ fn endpoint_json(ep: &Endpoint) -> Value {
     })
 }
 
-fn service_json(entry: &ServiceEntry) -> Value {
+fn service_json(entry: &LiveService) -> Value {
     let pool = &entry.pool;
     let snap = pool.snapshot();
     let discovery = match &entry.sync {
@@ -467,8 +458,8 @@ fn latency_ms(h: &crate::metrics::Histogram) -> Value {
 }
 
 /// The `/health` document: overall status plus request counts and rates per route and endpoint.
-pub fn health(state: &ProxyState) -> Value {
-    let table = state.table.load();
+pub fn health(state: &ControlState) -> Value {
+    let table = state.proxy.table.load();
     let mut degraded = false;
     let routes: Vec<Value> = table
         .routes()
@@ -492,16 +483,16 @@ pub fn health(state: &ProxyState) -> Value {
         .collect();
     json!({
         "status": if degraded { "degraded" } else { "healthy" },
-        "ready": state.admin.is_ready(),
-        "uptime_seconds": state.admin.started.elapsed().as_secs(),
+        "ready": state.readiness.is_ready(),
+        "uptime_seconds": state.readiness.uptime().as_secs(),
         "routes": routes,
         "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
     })
 }
 
 /// The `/status` document: routes with their settings, and every service's endpoints.
-pub fn status(state: &ProxyState) -> Value {
-    let table = state.table.load();
+pub fn status(state: &ControlState) -> Value {
+    let table = state.proxy.table.load();
     let routes: Vec<Value> = table
         .routes()
         .iter()
@@ -518,16 +509,16 @@ pub fn status(state: &ProxyState) -> Value {
         })
         .collect();
     json!({
-        "ready": state.admin.is_ready(),
+        "ready": state.readiness.is_ready(),
         "routes": routes,
         "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
         "notes": &**state.notes.load(),
     })
 }
 
-fn status_text(state: &ProxyState) -> String {
+fn status_text(state: &ControlState) -> String {
     let mut out = String::new();
-    let table = state.table.load();
+    let table = state.proxy.table.load();
     let _ = writeln!(out, "routes:");
     for r in table.routes() {
         let _ = writeln!(
@@ -571,6 +562,3 @@ fn status_text(state: &ProxyState) -> String {
 pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
-
-/// Shared handle type for the admin state.
-pub type SharedAdmin = Arc<AdminState>;

@@ -1,6 +1,7 @@
 //! Service pools: each service's live endpoint set as one `ArcSwap` snapshot, plus the leases
 //! that count requests in flight. Discovery writes pools; the request path only loads them.
 
+pub mod idle;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ pub struct EndpointState {
     /// Upstream answers by status class (1xx..5xx).
     statuses: [AtomicU64; 5],
     /// Idle pooled HTTP/1.1 connections to this endpoint (plain HTTP routes; made on first use).
-    pub(crate) idle_conns: std::sync::OnceLock<crate::proxy::pool::IdleConns>,
+    pub(crate) idle_conns: std::sync::OnceLock<idle::IdleConns>,
 }
 
 impl EndpointState {

@@ -2,8 +2,10 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
-pub mod limits;
+#[cfg(test)]
+mod limits_tests;
 pub mod otel;
+mod problems;
 pub mod raw;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +13,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use figment::providers::{Format, Json, Serialized, Toml, Yaml};
@@ -23,10 +24,18 @@ use crate::balancer::{OutlierConfig, Policy, PoolSettings};
 use crate::discovery::consul::ConsulSettings;
 use crate::discovery::Discovered;
 use crate::health::HealthCheck;
-use crate::proxy::cors::CorsConfig;
-use crate::proxy::headers::HeaderOps;
-use crate::proxy::retry::{RetryOn, RetryPolicy};
-use crate::routes::{EscapedSlashes, Rewrite};
+pub use crate::limits;
+pub use crate::proxy::settings::{
+    Backend, ErrorPage, RouteConfig, ServiceSettings, StaticService, UpstreamConfig,
+};
+use crate::rules::cors::CorsConfig;
+use crate::rules::headers::HeaderOps;
+use crate::rules::path::{EscapedSlashes, Rewrite};
+use crate::rules::retry::{RetryOn, RetryPolicy};
+pub use crate::server::settings::{ServerConfig, TlsListener};
+pub use crate::telemetry::settings::{AccessLogFormat, LogConfig};
+pub use problems::Problem;
+use problems::Problems;
 use raw::*;
 
 /// The embedded default: the seed's topology, also shipped as `config/gateway.toml`.
@@ -81,21 +90,6 @@ impl Env {
             fig = fig.merge(Serialized::defaults(figment::util::nest(&path, value)));
         }
         fig
-    }
-}
-
-/// One configuration problem with the key path it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Key path, e.g. `routes[2].load_balancer`.
-    pub path: String,
-    /// What is wrong and what would be right.
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
     }
 }
 
@@ -180,17 +174,6 @@ pub struct Config {
     pub source: Arc<RawConfig>,
 }
 
-/// `[tls]`.
-#[derive(Debug, Clone)]
-pub struct TlsListener {
-    /// Where it listens.
-    pub listen: SocketAddr,
-    /// Certificates; the first answers clients without a known SNI name.
-    pub certs: Vec<crate::tls::CertPair>,
-    /// Built from `certs` when the config was validated (files read then).
-    pub server_config: Arc<rustls::ServerConfig>,
-}
-
 /// `[admin]` plus the token.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -220,188 +203,6 @@ pub enum Provider {
     Static,
     /// Services come from Consul.
     Consul,
-}
-
-/// A service with fixed endpoints.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StaticService {
-    /// How endpoints are reached: `http` or `https` (TLS; `wss` too).
-    pub scheme: Scheme,
-    /// HTTP/2 with prior knowledge over plain TCP (`h2c://` targets).
-    pub h2c: bool,
-    /// The endpoints.
-    pub endpoints: Vec<Discovered>,
-}
-
-/// `[upstream]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamConfig {
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// Idle pooled connection lifetime.
-    pub idle_timeout: Duration,
-    /// Idle connections kept per endpoint.
-    pub max_idle_per_host: usize,
-}
-
-/// `[server]`.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Largest request head.
-    pub max_header_bytes: usize,
-    /// Most header fields in an HTTP/1.1 request head (431 beyond).
-    pub max_headers: usize,
-    /// Time allowed for a request head.
-    pub header_read_timeout: Duration,
-    /// How long an idle keep-alive connection waits for its next request.
-    pub keep_alive_timeout: Duration,
-    /// The longest silence between two reads of a request body.
-    pub body_read_timeout: Duration,
-    /// Most concurrent downstream connections.
-    pub max_connections: usize,
-    /// How long `/ready` fails before the listener closes on shutdown.
-    pub drain_delay: Duration,
-    /// How long in-flight requests may take to finish on shutdown.
-    pub grace_period: Duration,
-    /// What to do with `%2F`, `%5C` and `\` in a request path.
-    pub escaped_slashes: EscapedSlashes,
-    /// Collapse runs of `/` in a request path.
-    pub merge_slashes: bool,
-    /// Streams one HTTP/2 connection may have open at once (1 to 10000).
-    pub h2_max_concurrent_streams: u32,
-    /// Bind the listeners with `SO_REUSEPORT`.
-    pub reuse_port: bool,
-}
-
-/// `[log]`.
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    /// Filter directives.
-    pub level: String,
-    /// JSON lines instead of text.
-    pub json: bool,
-    /// One line per request on stdout (`[log] access`).
-    pub access: AccessLogFormat,
-}
-
-/// `[log] access`: the access log's format, or off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AccessLogFormat {
-    /// No access log (the default).
-    #[default]
-    Off,
-    /// `key=value` pairs (logfmt).
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// What a route sends traffic to.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Backend {
-    /// A named service fed by discovery.
-    Service(Arc<str>),
-    /// The route's own fixed targets.
-    Targets(StaticService),
-}
-
-/// Settings that belong to the service a route names (shared by every route on it).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ServiceSettings {
-    /// Active probes.
-    pub health_check: Option<HealthCheck>,
-    /// Start state, slow start, passive ejection.
-    pub pool: PoolSettings,
-    /// Concurrent requests to the service.
-    pub max_requests: Option<usize>,
-    /// Requests that may queue for `max_requests`.
-    pub max_pending: usize,
-}
-
-/// One validated route.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteConfig {
-    /// Unique name.
-    pub name: Arc<str>,
-    /// Normalised prefix (no trailing slash except for `/`).
-    pub path: String,
-    /// Where traffic goes.
-    pub backend: Backend,
-    /// Balancing policy.
-    pub policy: Policy,
-    /// Rewrites in order.
-    pub rewrite: Vec<Rewrite>,
-    /// Until response headers arrive.
-    pub timeout: Duration,
-    /// Pass the client's Host.
-    pub preserve_host: bool,
-    /// Request header changes.
-    pub request_headers: HeaderOps,
-    /// Response header changes.
-    pub response_headers: HeaderOps,
-    /// Custom error answer.
-    pub error: Option<ErrorPage>,
-    /// Request body limit.
-    pub max_body: Option<u64>,
-    /// TLS to `https`/`wss` targets.
-    pub upstream_tls: Option<crate::tls::UpstreamTls>,
-    /// Relay HTTP/1.1 upgrades.
-    pub websocket: bool,
-    /// Idle limit for upgraded connections.
-    pub websocket_idle_timeout: Option<Duration>,
-    /// Retry policy.
-    pub retry: RetryPolicy,
-    /// Limit on a streaming response once headers arrived.
-    pub stream_timeout: Option<Duration>,
-    /// Panic threshold in percent.
-    pub panic_threshold: Option<f64>,
-    /// Settings of the route's service.
-    pub service_settings: ServiceSettings,
-}
-
-impl RouteConfig {
-    /// A route with default settings, as routes declared by Consul tags get.
-    pub fn for_service(name: &str, path: &str, service: &str) -> Self {
-        Self {
-            name: name.into(),
-            path: crate::routes::normalise_prefix(path),
-            backend: Backend::Service(service.into()),
-            policy: Policy::RoundRobin,
-            rewrite: Vec::new(),
-            timeout: Duration::from_secs(30),
-            preserve_host: true,
-            request_headers: HeaderOps::default(),
-            response_headers: HeaderOps::default(),
-            error: None,
-            max_body: None,
-            upstream_tls: None,
-            websocket: true,
-            websocket_idle_timeout: None,
-            retry: RetryPolicy::default(),
-            stream_timeout: None,
-            panic_threshold: None,
-            service_settings: ServiceSettings::default(),
-        }
-    }
-
-    /// The service this route's pool is registered under.
-    pub fn service_name(&self) -> &Arc<str> {
-        match &self.backend {
-            Backend::Service(s) => s,
-            Backend::Targets(_) => &self.name,
-        }
-    }
-}
-
-/// A route's custom error answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ErrorPage {
-    /// Overrides the error's own status when set.
-    pub status: Option<StatusCode>,
-    /// Content type of `body`.
-    pub content_type: HeaderValue,
-    /// Sent as is.
-    pub body: Bytes,
 }
 
 impl Config {
@@ -437,94 +238,9 @@ impl Config {
     }
 }
 
-/// Collects problems while walking the raw config.
-struct Check {
-    problems: Vec<Problem>,
-}
-
-impl Check {
-    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            path: path.into(),
-            message: message.into(),
-        });
-    }
-
-    fn unknown(&mut self, base: &str, unknown: &Unknown) {
-        for key in unknown.keys() {
-            let path = if base.is_empty() {
-                key.clone()
-            } else {
-                format!("{base}.{key}")
-            };
-            self.err(path, "unknown key");
-        }
-    }
-
-    /// A duration from 0s to 24h (`limits::DELAY`); see `duration_in` for other ranges.
-    fn duration(&mut self, path: &str, text: &str) -> Duration {
-        self.duration_in(path, text, limits::DELAY)
-    }
-
-    /// A size from 0 to 1024GiB (`limits::MAX_BODY`); see `size_in` for other ranges.
-    fn size(&mut self, path: &str, size: &RawSize) -> u64 {
-        self.size_in(path, size, limits::MAX_BODY)
-    }
-
-    fn socket(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
-        match text.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.err(
-                    path,
-                    format!("invalid address {text:?}; expected IP:PORT such as \"0.0.0.0:8080\""),
-                );
-                None
-            }
-        }
-    }
-
-    /// A count from `min` to `limits::MAX_COUNT`; see `count_in` for other ranges.
-    fn count(&mut self, path: &str, n: i64, min: i64) -> usize {
-        self.count_in(path, n, min..=limits::MAX_COUNT)
-    }
-}
-
-fn parse_size(size: &RawSize) -> Result<u64, String> {
-    match size {
-        RawSize::Bytes(n) if *n >= 0 => Ok(*n as u64),
-        RawSize::Bytes(n) => Err(format!("size must not be negative, got {n}")),
-        RawSize::Text(t) => {
-            let t = t.trim();
-            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => 1,
-                "kb" => 1000,
-                "kib" | "k" => 1 << 10,
-                "mb" => 1_000_000,
-                "mib" | "m" => 1 << 20,
-                "gb" => 1_000_000_000,
-                "gib" | "g" => 1 << 30,
-                _ => {
-                    return Err(format!(
-                        "invalid size {t:?}; use bytes or a unit: KiB, MiB, GiB, KB, MB, GB"
-                    ))
-                }
-            };
-            num.parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_mul(mult))
-                .ok_or_else(|| {
-                    format!("invalid size {t:?}; use bytes or a unit: KiB, MiB, GiB, KB, MB, GB")
-                })
-        }
-    }
-}
-
 /// Parses `http://host:port` into scheme and endpoint.
 fn parse_target(
-    check: &mut Check,
+    check: &mut Problems,
     path: &str,
     target: &RawTarget,
 ) -> Option<((Scheme, bool), Discovered)> {
@@ -590,7 +306,7 @@ fn parse_target(
 
 /// A static service may be empty (it answers 503 until changed at run time); route targets may not.
 fn parse_targets(
-    check: &mut Check,
+    check: &mut Problems,
     path: &str,
     targets: &[RawTarget],
     allow_empty: bool,
@@ -621,7 +337,7 @@ fn parse_targets(
     })
 }
 
-fn header_name(check: &mut Check, path: &str, name: &str) -> Option<HeaderName> {
+fn header_name(check: &mut Problems, path: &str, name: &str) -> Option<HeaderName> {
     match HeaderName::from_bytes(name.as_bytes()) {
         Ok(n) => Some(n),
         Err(_) => {
@@ -631,7 +347,7 @@ fn header_name(check: &mut Check, path: &str, name: &str) -> Option<HeaderName> 
     }
 }
 
-fn header_ops(check: &mut Check, path: &str, raw: &RawHeaderOps) -> HeaderOps {
+fn header_ops(check: &mut Problems, path: &str, raw: &RawHeaderOps) -> HeaderOps {
     check.unknown(path, &raw.unknown);
     let mut pairs =
         |kind: &str, map: &BTreeMap<String, String>| -> Vec<(HeaderName, HeaderValue)> {
@@ -660,14 +376,14 @@ fn header_ops(check: &mut Check, path: &str, raw: &RawHeaderOps) -> HeaderOps {
     HeaderOps::new(add, set, remove)
 }
 
-fn prefix(check: &mut Check, path: &str, p: &str) -> String {
+fn prefix(check: &mut Problems, path: &str, p: &str) -> String {
     if !p.starts_with('/') {
         check.err(path, format!("{p:?} must start with \"/\""));
     }
     p.to_owned()
 }
 
-fn retry_policy(c: &mut Check, path: &str, r: &RawRetry) -> RetryPolicy {
+fn retry_policy(c: &mut Problems, path: &str, r: &RawRetry) -> RetryPolicy {
     c.unknown(path, &r.unknown);
     let attempts = c.count_in(&format!("{path}.attempts"), r.attempts, limits::ATTEMPTS) as u32;
     // The list replaces the defaults (which the raw default list already spells out).
@@ -726,7 +442,7 @@ fn retry_policy(c: &mut Check, path: &str, r: &RawRetry) -> RetryPolicy {
     }
 }
 
-fn health_check(c: &mut Check, path: &str, h: &RawHealthCheck) -> HealthCheck {
+fn health_check(c: &mut Problems, path: &str, h: &RawHealthCheck) -> HealthCheck {
     c.unknown(path, &h.unknown);
     let method = Method::from_bytes(h.method.as_bytes()).unwrap_or_else(|_| {
         c.err(
@@ -778,7 +494,7 @@ fn health_check(c: &mut Check, path: &str, h: &RawHealthCheck) -> HealthCheck {
     }
 }
 
-fn outlier(c: &mut Check, path: &str, o: &RawOutlier) -> OutlierConfig {
+fn outlier(c: &mut Problems, path: &str, o: &RawOutlier) -> OutlierConfig {
     c.unknown(path, &o.unknown);
     let pct = o.max_ejection_percent;
     if !(0..=100).contains(&pct) {
@@ -807,7 +523,7 @@ fn outlier(c: &mut Check, path: &str, o: &RawOutlier) -> OutlierConfig {
 
 fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let source = Arc::new(raw.clone());
-    let mut c = Check {
+    let mut c = Problems {
         problems: Vec::new(),
     };
     c.unknown("", &raw.unknown);
@@ -1002,7 +718,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 server_config,
             }),
             Err(e) => {
-                c.err("tls", crate::proxy::Chain(&e).to_string());
+                c.err("tls", crate::error::Chain(&e).to_string());
                 None
             }
         }
@@ -1103,7 +819,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             }
             Some(p) => {
                 let p = prefix(&mut c, &format!("{rp}.path"), p);
-                crate::routes::normalise_prefix(&p)
+                crate::rules::path::normalise_prefix(&p)
             }
         };
         if let Some(prev) = paths.insert(path.clone(), i) {
@@ -1171,11 +887,11 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 continue;
             }
             if let Some(p) = &rw.strip_prefix {
-                rewrite.push(Rewrite::StripPrefix(crate::routes::normalise_prefix(
+                rewrite.push(Rewrite::StripPrefix(crate::rules::path::normalise_prefix(
                     &prefix(&mut c, &format!("{wp}.strip_prefix"), p),
                 )));
             } else if let Some(p) = &rw.add_prefix {
-                rewrite.push(Rewrite::AddPrefix(crate::routes::normalise_prefix(
+                rewrite.push(Rewrite::AddPrefix(crate::rules::path::normalise_prefix(
                     &prefix(&mut c, &format!("{wp}.add_prefix"), p),
                 )));
             } else if let Some(rp2) = &rw.replace_prefix {
@@ -1183,8 +899,8 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 let from = prefix(&mut c, &format!("{wp}.replace_prefix.from"), &rp2.from);
                 let to = prefix(&mut c, &format!("{wp}.replace_prefix.to"), &rp2.to);
                 rewrite.push(Rewrite::ReplacePrefix {
-                    from: crate::routes::normalise_prefix(&from),
-                    to: crate::routes::normalise_prefix(&to),
+                    from: crate::rules::path::normalise_prefix(&from),
+                    to: crate::rules::path::normalise_prefix(&to),
                 });
             }
         }
@@ -1251,7 +967,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
                 insecure_skip_verify: t.insecure_skip_verify,
             };
             if let Err(e) = crate::tls::client_config(&tls) {
-                c.err(&tp, crate::proxy::Chain(&e).to_string());
+                c.err(&tp, crate::error::Chain(&e).to_string());
             }
             tls
         });
@@ -1372,6 +1088,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
 
 #[cfg(test)]
 mod tests {
+    use super::problems::parse_size;
     use super::*;
 
     fn problems(toml: &str) -> Vec<String> {

@@ -1,12 +1,9 @@
-//! Discovery: feeds every service's pool, from the static map or from Consul.
-//! Both providers end in `ServicePool::replace`, so pools behave the same whatever feeds them.
+//! Discovery's vocabulary (an endpoint as a provider reports it, and its health) and the Consul
+//! provider. Every provider's answer ends in `ServicePool::replace` in the control plane.
 
 pub mod consul;
-pub mod registry;
 
 use std::sync::Arc;
-
-use crate::proxy::ProxyState;
 
 /// Aggregated health of one discovered instance (Consul's order: maintenance > critical > warning > passing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -49,32 +46,6 @@ impl Discovered {
             weight,
             status: InstanceStatus::Passing,
             id,
-        }
-    }
-}
-
-/// The static provider: an in-memory map of service name to endpoints that can change at run time.
-///
-/// The demo and the tests change it while the gateway runs; each change goes through the same
-/// `ServicePool::replace` as a Consul answer does. A reload puts the configured endpoints back.
-#[derive(Clone)]
-pub struct StaticDiscovery {
-    state: Arc<ProxyState>,
-}
-
-impl StaticDiscovery {
-    pub(crate) fn new(state: Arc<ProxyState>) -> Self {
-        Self { state }
-    }
-
-    /// Replaces the endpoints of a static `service`; false when no such static service exists.
-    pub fn set(&self, service: &str, endpoints: Vec<Discovered>) -> bool {
-        match self.state.services.load().get(service) {
-            Some(s) if s.source == registry::Source::Static => {
-                s.pool.replace(endpoints);
-                true
-            }
-            _ => false,
         }
     }
 }

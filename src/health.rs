@@ -134,7 +134,7 @@ async fn probe(
                 Err(format!("status {code}"))
             }
         }
-        Ok(Err(e)) => Err(format!("request: {}", crate::proxy::Chain(&e))),
+        Ok(Err(e)) => Err(format!("request: {}", crate::error::Chain(&e))),
         Err(_) => Err(format!("timed out after {:?}", check.timeout)),
     }
 }
@@ -159,7 +159,7 @@ pub async fn run_probes(
         Err(e) => {
             // Only a broken system trust store or unreadable files get here; config
             // validation read the same files already. Endpoints keep their state.
-            tracing::warn!(service = %pool.name(), error = %crate::proxy::Chain(&e), "health probes cannot start: TLS settings unusable");
+            tracing::warn!(service = %pool.name(), error = %crate::error::Chain(&e), "health probes cannot start: TLS settings unusable");
             return;
         }
     };

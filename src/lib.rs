@@ -19,16 +19,21 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod body;
 pub mod builder;
 pub mod clock;
 pub mod config;
+pub mod conn;
+pub mod control;
 pub mod demo;
 pub mod discovery;
+pub mod error;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
-pub mod routes;
+pub mod rules;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
@@ -37,21 +42,23 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use admin::AdminState;
+use admin::Admin;
 use balancer::ServicePool;
 use config::{Config, ConfigError, Env};
-use discovery::registry::{Registry, RegistryError};
-use discovery::StaticDiscovery;
+use control::registry::{Registry, RegistryError};
+use control::reload::Reloader;
+use control::static_discovery::StaticDiscovery;
+use control::{ControlState, Readiness};
 use health::HealthCallback;
-use proxy::{ErrorHandler, ProxyState};
-use routes::RouteTable;
+use proxy::route::{ErrorHandler, RouteTable};
+use proxy::ProxyState;
 
 /// Already-bound listeners; `main` binds the configured addresses, tests bind port 0.
 #[derive(Debug)]
@@ -120,50 +127,6 @@ fn with_addr(e: std::io::Error, addr: SocketAddr, reuse_port: bool) -> std::io::
     std::io::Error::new(e.kind(), format!("binding {addr}: {e}{hint}"))
 }
 
-/// Reloads the configuration from its file (SIGHUP, `POST /reload`, file changes).
-pub struct Reloader {
-    registry: Weak<Registry>,
-    path: PathBuf,
-    env: Env,
-}
-
-/// The outcome of a successful reload.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Reloaded {
-    /// Settings that changed in the file but need a restart to take effect.
-    pub restart_needed: Vec<String>,
-}
-
-impl Reloader {
-    /// Loads, validates and installs the file. An invalid file changes nothing.
-    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
-        let config = Config::load(&self.path, &self.env)?;
-        let Some(registry) = self.registry.upgrade() else {
-            return Ok(Reloaded {
-                restart_needed: Vec::new(),
-            });
-        };
-        let restart_needed = registry.reload(config);
-        for r in &restart_needed {
-            tracing::warn!(setting = %r, "changed setting needs a restart to take effect");
-        }
-        tracing::info!(path = %self.path.display(), "configuration reloaded");
-        Ok(Reloaded { restart_needed })
-    }
-
-    /// Reloads and logs the outcome (for signal and file triggers).
-    pub fn reload_and_log(&self, trigger: &str) {
-        if let Err(e) = self.reload() {
-            tracing::error!(trigger, problems = ?e.problems(), "reload rejected; the running configuration stays");
-        }
-    }
-
-    fn fingerprint(&self) -> Option<(std::time::SystemTime, u64)> {
-        let m = std::fs::metadata(&self.path).ok()?;
-        Some((m.modified().ok()?, m.len()))
-    }
-}
-
 /// Why a gateway could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -178,8 +141,11 @@ pub enum GatewayError {
 /// A built gateway: pools, routes and providers, ready to [`run`](Gateway::run).
 pub struct Gateway {
     server: config::ServerConfig,
-    state: Arc<ProxyState>,
+    expose_admin: bool,
+    admin_token: Option<String>,
+    state: Arc<ControlState>,
     registry: Arc<Registry>,
+    reloader: Option<Arc<Reloader>>,
     static_discovery: StaticDiscovery,
     watch_file: bool,
 }
@@ -218,34 +184,33 @@ impl Gateway {
         on_health_change: Option<HealthCallback>,
         telemetry: telemetry::RequestTelemetry,
     ) -> Result<Self, GatewayError> {
-        let state = Arc::new(ProxyState {
+        let proxy = Arc::new(ProxyState {
             table: ArcSwap::from_pointee(RouteTable::default()),
-            services: ArcSwap::default(),
-            notes: ArcSwap::default(),
-            client: proxy::forward::client(&config.upstream),
+            client: proxy::client::client(&config.upstream),
             http1: proxy::pool::Http1Pool::new(&config.upstream),
             cors: ArcSwapOption::new(config.cors.clone()),
-            expose_admin: config.admin.expose_on_main,
-            admin: Arc::new(AdminState::new(config.admin.token.clone())),
-            reloader: std::sync::OnceLock::new(),
             metrics: Default::default(),
             upgrades: Default::default(),
-            tls: ArcSwapOption::new(config.tls.as_ref().map(|t| t.server_config.clone())),
-            registry: std::sync::OnceLock::new(),
             telemetry,
-            config: ArcSwapOption::empty(),
-            path_rules: routes::LivePathRules::new(routes::PathRules::from(&config.server)),
+            path_rules: rules::path::LivePathRules::new(config.server.path_rules()),
         });
-        let _ = state
-            .registry
-            .set(metrics::registry(Arc::downgrade(&state)));
+        let tls = Arc::new(ArcSwapOption::new(
+            config.tls.as_ref().map(|t| t.server_config.clone()),
+        ));
+        let state = ControlState::new(proxy, tls);
+        control::prometheus::install(&state);
         let server = config.server.clone();
+        let expose_admin = config.admin.expose_on_main;
+        let admin_token = config.admin.token.clone();
         let registry = Registry::new(config, state.clone(), error_handlers, on_health_change)?;
         Ok(Self {
             server,
+            expose_admin,
+            admin_token,
             static_discovery: StaticDiscovery::new(state.clone()),
             state,
             registry,
+            reloader: None,
             watch_file: false,
         })
     }
@@ -253,20 +218,17 @@ impl Gateway {
     /// Enables reloading from `path` (SIGHUP in `main`, `POST /reload`, and with `watch` the
     /// file's own changes).
     pub fn with_reload(self, path: PathBuf, env: Env, watch: bool) -> Self {
-        let _ = self.state.reloader.set(Reloader {
-            registry: Arc::downgrade(&self.registry),
-            path,
-            env,
-        });
+        let reloader = Reloader::new(Arc::downgrade(&self.registry), path, env);
         Self {
+            reloader: Some(Arc::new(reloader)),
             watch_file: watch,
             ..self
         }
     }
 
     /// The reloader, when enabled.
-    pub fn reloader(&self) -> Option<&Reloader> {
-        self.state.reloader.get()
+    pub fn reloader(&self) -> Option<Arc<Reloader>> {
+        self.reloader.clone()
     }
 
     /// The static provider, to change static services while the gateway runs.
@@ -283,8 +245,8 @@ impl Gateway {
             .map(|s| s.pool.clone())
     }
 
-    /// The request-path state (for admin views and tests).
-    pub fn state(&self) -> &Arc<ProxyState> {
+    /// The control state, with the request path's state in it (for admin views and tests).
+    pub fn state(&self) -> &Arc<ControlState> {
         &self.state
     }
 
@@ -302,12 +264,23 @@ impl Gateway {
         let force_close = CancellationToken::new();
         let server_cfg = self.server.clone();
         self.registry.start();
+        let admin = Admin::new(
+            self.state.clone(),
+            self.admin_token.clone(),
+            self.reloader.clone(),
+        );
+        let serving = Arc::new(server::Serving {
+            proxy: self.state.proxy.clone(),
+            admin: Arc::new(admin),
+            tls: self.state.tls.clone(),
+            expose_admin: self.expose_admin,
+        });
 
         let main_addr = listeners.main.local_addr()?;
         let mut accept_loops = vec![tokio::spawn(server::serve(
             listeners.main,
             server::Role::Main,
-            self.state.clone(),
+            serving.clone(),
             server_cfg.clone(),
             graceful.clone(),
             stop_accepting.clone(),
@@ -318,7 +291,7 @@ impl Gateway {
             accept_loops.push(tokio::spawn(server::serve(
                 l,
                 server::Role::Tls,
-                self.state.clone(),
+                serving.clone(),
                 server_cfg.clone(),
                 graceful.clone(),
                 stop_accepting.clone(),
@@ -333,7 +306,7 @@ impl Gateway {
                 accept_loops.push(tokio::spawn(server::serve(
                     l,
                     server::Role::Admin,
-                    self.state.clone(),
+                    serving.clone(),
                     server_cfg.clone(),
                     Arc::new(server::Drain::default()),
                     admin_stop.clone(),
@@ -343,13 +316,12 @@ impl Gateway {
             }
             None => None,
         };
-        self.registry.tracker().spawn(become_ready(
-            self.registry.clone(),
-            self.state.admin.clone(),
-        ));
+        self.registry
+            .tracker()
+            .spawn(become_ready(self.registry.clone(), self.state.clone()));
         if self.watch_file {
-            if let Some(r) = self.state.reloader.get() {
-                let state = Arc::downgrade(&self.state);
+            if let Some(r) = &self.reloader {
+                let reloader = Arc::downgrade(r);
                 let mut last = r.fingerprint();
                 let stop = admin_stop.clone();
                 self.registry.tracker().spawn(async move {
@@ -358,10 +330,7 @@ impl Gateway {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
-                        let Some(state) = state.upgrade() else { return };
-                        let Some(r) = state.reloader.get() else {
-                            return;
-                        };
+                        let Some(r) = reloader.upgrade() else { return };
                         let now = r.fingerprint();
                         if now.is_some() && now != last {
                             last = now;
@@ -374,7 +343,7 @@ impl Gateway {
         tracing::info!(listen = %main_addr, admin = ?admin_addr, "meshgate listening");
 
         shutdown.await;
-        self.state.admin.begin_shutdown();
+        self.state.readiness.begin_shutdown();
         if !server_cfg.drain_delay.is_zero() {
             tracing::info!(drain_delay = ?server_cfg.drain_delay, "shutting down: readiness failed, draining");
             tokio::time::sleep(server_cfg.drain_delay).await;
@@ -398,7 +367,7 @@ impl Gateway {
             force_close.cancel();
         }
         // Upgraded connections get what is left of the grace period, then are closed.
-        let upgrades = &self.state.upgrades;
+        let upgrades = &self.state.proxy.upgrades;
         upgrades.tracker.close();
         if tokio::time::timeout(server_cfg.grace_period, upgrades.tracker.wait())
             .await
@@ -418,7 +387,7 @@ impl Gateway {
         }
         self.registry.tracker().close();
         self.registry.tracker().wait().await;
-        if let Some(access) = self.state.telemetry.access_log() {
+        if let Some(access) = self.state.proxy.telemetry.access_log() {
             access.flush(Duration::from_secs(2)).await;
         }
         tracing::info!("meshgate stopped");
@@ -428,9 +397,10 @@ impl Gateway {
 
 /// Marks the gateway ready once every Consul service (and the catalog, with tag routes) has
 /// synced once, or once `startup_timeout` has passed.
-async fn become_ready(registry: Arc<Registry>, admin: Arc<AdminState>) {
+async fn become_ready(registry: Arc<Registry>, control: Arc<ControlState>) {
+    let readiness: &Readiness = &control.readiness;
     let Some(limit) = registry.startup_timeout() else {
-        admin.set_ready(true);
+        readiness.set_ready(true);
         return;
     };
     let deadline = tokio::time::Instant::now() + limit;
@@ -456,5 +426,5 @@ async fn become_ready(registry: Arc<Registry>, admin: Arc<AdminState>) {
         // New services may appear meanwhile (routes from tags), so look again after each wait.
         let _ = pending[0].wait_synced(remaining).await;
     }
-    admin.set_ready(true);
+    readiness.set_ready(true);
 }

@@ -76,7 +76,7 @@ fn main() -> ExitCode {
     let trace_pipeline = match meshgate::telemetry::Tracing::build(&config.tracing) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("meshgate: {}", meshgate::proxy::Chain(&e));
+            eprintln!("meshgate: {}", meshgate::error::Chain(&e));
             return match e {
                 meshgate::telemetry::TracingError::Exporter(_) => {
                     ExitCode::from(EXIT_INVALID_CONFIG)
@@ -166,7 +166,7 @@ async fn run(
     let mut gateway = Gateway::build_with_telemetry(config, telemetry)?;
     if let (Some(path), false) = (path, demo) {
         gateway = gateway.with_reload(path, env, true);
-        let state = gateway.state().clone();
+        let reloader = gateway.reloader();
         tokio::spawn(async move {
             #[cfg(unix)]
             {
@@ -175,7 +175,7 @@ async fn run(
                     return;
                 };
                 while hup.recv().await.is_some() {
-                    if let Some(r) = state.reloader.get() {
+                    if let Some(r) = &reloader {
                         r.reload_and_log("SIGHUP");
                     }
                 }

@@ -1,73 +1,59 @@
 //! The request path: route, pick, forward, respond. Errors become responses here, once.
 
 pub mod body;
-pub mod cors;
+pub mod client;
 pub mod error;
 pub mod forward;
-pub mod head;
-pub mod headers;
-pub mod limit;
 pub mod pool;
-pub mod retry;
+pub mod route;
+pub mod settings;
 pub mod upgrade;
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, ORIGIN};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 
-use crate::admin::AdminState;
-use crate::discovery::registry::ServiceEntry;
-use crate::routes::{normalise_path, LivePathRules, Route, RouteTable};
+use crate::body::ClientBody;
+use crate::error::Chain;
+use crate::metrics::GlobalMetrics;
+use crate::rules::cors::CorsConfig;
+use crate::rules::head;
+use crate::rules::headers;
+use crate::rules::path::{normalise_path, LivePathRules};
 use crate::telemetry::{self, BodyTap, RequestLog};
-pub use body::{ClientBody, RequestBody, ResponseBody};
-pub use cors::CorsConfig;
+pub use body::ResponseBody;
+use client::UpstreamClient;
 pub use error::ProxyError;
-use forward::{Downstream, UpstreamClient};
-
-/// A route's custom error answer written in code (the library API); `None` falls back to the
-/// route's configured `error` page, then to the JSON default.
-pub type ErrorHandler = Arc<dyn Fn(&ProxyError) -> Option<Response<Bytes>> + Send + Sync>;
+use forward::Downstream;
+pub use route::{ErrorHandler, Route, RouteTable};
 
 /// Everything the request path reads. Swapped parts are `ArcSwap`s; nothing here is locked.
 pub struct ProxyState {
     /// The route table; replaced whole on reload.
     pub table: ArcSwap<RouteTable>,
-    /// Every live service by name (admin views; the request path reaches pools through routes).
-    pub services: ArcSwap<BTreeMap<Arc<str>, Arc<ServiceEntry>>>,
-    /// Route conflicts and tag problems, shown in `/status`.
-    pub notes: ArcSwap<Vec<String>>,
     /// Upstream connection pool.
     pub client: UpstreamClient,
     /// Pooled HTTP/1.1 to plain-HTTP endpoints with IP addresses (the common case).
     pub http1: pool::Http1Pool,
     /// Global CORS policy; replaced on reload.
     pub cors: ArcSwapOption<CorsConfig>,
-    /// Answer `/health` and `/status` on the main listener.
-    pub expose_admin: bool,
-    /// Readiness and uptime.
-    pub admin: Arc<AdminState>,
-    /// Set when the gateway was started from a file it can reload.
-    pub reloader: std::sync::OnceLock<crate::Reloader>,
     /// Gateway-wide counters.
-    pub metrics: crate::metrics::GlobalMetrics,
-    /// The TLS listener's configuration; replaced on reload so renewed certificates apply.
-    pub tls: ArcSwapOption<rustls::ServerConfig>,
+    pub metrics: GlobalMetrics,
     /// Upgraded (WebSocket) connections, for shutdown.
     pub upgrades: upgrade::Upgrades,
-    /// What `/metrics` encodes (set once at build).
-    pub registry: std::sync::OnceLock<prometheus_client::registry::Registry>,
     /// Request spans and the access log (fixed at build).
-    pub telemetry: crate::telemetry::RequestTelemetry,
-    /// The configuration in force, for the admin `/config` view; published by the registry.
-    pub config: ArcSwapOption<crate::config::Config>,
+    pub telemetry: telemetry::RequestTelemetry,
     /// `server.escaped_slashes` and `server.merge_slashes`; replaced on reload.
     pub path_rules: LivePathRules,
+}
+
+/// Requests the gateway answers itself before routing. The server decides which (admin's
+/// `/health` and `/status` on the main listener when exposed); the request path only asks.
+pub trait LocalAnswer: Send + Sync {
+    /// The answer to `req` when it is not for a route.
+    fn answer(&self, req: &Request<ClientBody>) -> Option<Response<ResponseBody>>;
 }
 
 /// Handles one downstream request. Never fails: every error becomes a response.
@@ -76,6 +62,7 @@ pub async fn handle(
     req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
+    local: &dyn LocalAnswer,
 ) -> Response<ResponseBody> {
     // A guard, so a request whose client went away (future dropped) is uncounted too.
     struct InFlight<'a>(&'a std::sync::atomic::AtomicI64);
@@ -89,7 +76,7 @@ pub async fn handle(
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _in_flight = InFlight(&state.metrics.in_flight);
-    handle_inner(state, req, client, proto).await
+    handle_inner(state, req, client, proto, local).await
 }
 
 async fn handle_inner(
@@ -97,6 +84,7 @@ async fn handle_inner(
     mut req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
+    local: &dyn LocalAnswer,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
     let request_id = headers::request_id(req.headers());
@@ -121,8 +109,17 @@ async fn handle_inner(
             resp
         }
         _ => {
-            let mut resp =
-                route_request(state, req, client, proto, &request_id, &span, log.as_mut()).await;
+            let mut resp = route_request(
+                state,
+                req,
+                client,
+                proto,
+                local,
+                &request_id,
+                &span,
+                log.as_mut(),
+            )
+            .await;
             if let Some(cors) = &*cors {
                 cors.decorate(origin.as_ref(), resp.headers_mut());
             }
@@ -143,6 +140,7 @@ async fn route_request(
     mut req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
+    local: &dyn LocalAnswer,
     request_id: &HeaderValue,
     span: &tracing::Span,
     mut log: Option<&mut RequestLog>,
@@ -155,12 +153,8 @@ async fn route_request(
             return error_response(&ProxyError::InvalidHead { source }, None, request_id);
         }
     };
-    let raw_path = req.uri().path();
-    if state.expose_admin
-        && req.method() == Method::GET
-        && matches!(raw_path, "/health" | "/status")
-    {
-        return crate::admin::respond(state, &req);
+    if let Some(resp) = local.answer(&req) {
+        return resp;
     }
     // The path outlives `req` (moved upstream below): a clone of the URI's path is a reference
     // count, so only a path that had something to normalise is a new string.
@@ -258,21 +252,6 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::Upstream { .. } => {
             tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
         }
-    }
-}
-
-/// Displays an error with its whole source chain.
-pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
+use http::{Method, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
@@ -15,10 +17,43 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ServerConfig;
-use crate::proxy::{self, ProxyState};
+use crate::body::ClientBody;
+use crate::proxy::{self, LocalAnswer, ProxyState, ResponseBody};
 
 pub(crate) mod conn;
+pub mod settings;
+
+pub use settings::{ServerConfig, TlsListener};
+
+/// The admin side of the gateway as the server sees it: the admin listener's whole service, and
+/// the admin paths the main listener answers. Implemented by `admin::Admin`.
+pub trait AdminService: Send + Sync + 'static {
+    /// Answers one admin request.
+    fn respond(&self, req: &Request<ClientBody>) -> Response<ResponseBody>;
+}
+
+/// What the listeners serve: the request path, the admin service, and the TLS listener's
+/// configuration (replaced on reload).
+pub struct Serving {
+    /// The request path's state.
+    pub proxy: Arc<ProxyState>,
+    /// The admin service.
+    pub admin: Arc<dyn AdminService>,
+    /// The TLS listener's configuration; new handshakes read the latest.
+    pub tls: Arc<ArcSwapOption<rustls::ServerConfig>>,
+    /// Answer `/health` and `/status` on the main listener (`admin.expose_on_main`).
+    pub expose_admin: bool,
+}
+
+impl LocalAnswer for Serving {
+    /// The server, not the request path, decides which admin paths the main listener answers.
+    fn answer(&self, req: &Request<ClientBody>) -> Option<Response<ResponseBody>> {
+        let admin_path = self.expose_admin
+            && req.method() == Method::GET
+            && matches!(req.uri().path(), "/health" | "/status");
+        admin_path.then(|| self.admin.respond(req))
+    }
+}
 
 /// Builds the TLS connection builder: HTTP/1.1 with keep-alive, or HTTP/2 by ALPN.
 fn tls_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
@@ -124,7 +159,7 @@ impl Drain {
 pub async fn serve(
     listener: TcpListener,
     role: Role,
-    state: Arc<ProxyState>,
+    serving: Arc<Serving>,
     cfg: ServerConfig,
     drain: Arc<Drain>,
     stop: CancellationToken,
@@ -154,17 +189,19 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        state
+        serving
+            .proxy
             .metrics
             .connections_accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        state
+        serving
+            .proxy
             .metrics
             .connections_open
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let conn_state = state.clone();
-        let state = state.clone();
-        let shared = conn::ConnShared::new(plain.quiet);
+        let conn_state = serving.clone();
+        let state = serving.clone();
+        let shared = crate::conn::ConnShared::new(plain.quiet);
         let body_read_timeout = cfg.body_read_timeout;
         let service = {
             let shared = shared.clone();
@@ -173,7 +210,7 @@ pub async fn serve(
                 let mark = shared.begin(&req);
                 let version = req.version();
                 let (parts, body) = req.into_parts();
-                let (body, end) = proxy::ClientBody::new(body, body_read_timeout);
+                let (body, end) = ClientBody::new(body, body_read_timeout);
                 let req = Request::from_parts(parts, body);
                 async move {
                     let mut resp = dispatch(&state, role, req, peer).await;
@@ -254,6 +291,7 @@ pub async fn serve(
             }
             drop(permit);
             conn_state
+                .proxy
                 .metrics
                 .connections_open
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -263,15 +301,15 @@ pub async fn serve(
 }
 
 async fn dispatch(
-    state: &ProxyState,
+    serving: &Serving,
     role: Role,
-    req: Request<proxy::ClientBody>,
+    req: Request<ClientBody>,
     peer: SocketAddr,
-) -> hyper::Response<proxy::ResponseBody> {
+) -> Response<ResponseBody> {
     match role {
-        Role::Main => proxy::handle(state, req, peer, "http").await,
-        Role::Tls => proxy::handle(state, req, peer, "https").await,
-        Role::Admin => crate::admin::respond(state, &req),
+        Role::Main => proxy::handle(&serving.proxy, req, peer, "http", serving).await,
+        Role::Tls => proxy::handle(&serving.proxy, req, peer, "https", serving).await,
+        Role::Admin => serving.admin.respond(&req),
     }
 }
 

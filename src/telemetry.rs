@@ -12,6 +12,7 @@
 
 mod access;
 mod export;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +43,8 @@ pub use access::{AccessFormat, AccessLog};
 pub use export::ExportStats;
 
 use crate::balancer::Endpoint;
-use crate::config::otel::{RootSampler, TracingConfig};
-use crate::config::{AccessLogFormat, LogConfig};
+use settings::{AccessLogFormat, LogConfig};
+use settings::{RootSampler, TracingConfig};
 
 /// Target of the request and upstream spans. Only spans with this target (and warnings inside
 /// them, as span events) reach OpenTelemetry; the log output leaves these spans out.

@@ -324,7 +324,7 @@ async fn silent_h2_connections_no_longer_starve_max_connections() {
         silent.push(h2c_settings_only(&gw).await);
     }
     // All five hold a permit before the sixth client comes.
-    let metrics = &gw.state.metrics;
+    let metrics = &gw.state.proxy.metrics;
     assert!(
         eventually(Duration::from_secs(2), || async {
             metrics.connections_open.load(Ordering::Relaxed) == 5

@@ -47,6 +47,7 @@ async fn start_logged(toml: &str, format: AccessFormat) -> (TestGateway, SharedB
 /// Every line written so far, once all queued lines are out.
 async fn lines(gw: &TestGateway, buf: &SharedBuf) -> Vec<String> {
     gw.state
+        .proxy
         .telemetry
         .access_log()
         .unwrap()

@@ -77,7 +77,13 @@ async fn an_idle_keep_alive_connection_costs_under_3_kib() {
     // Warm up: the upstream pool, lazily built state, the allocator's own caches.
     let warm: Vec<_> = futures_util::future::join_all((0..8).map(|_| one_request(gw.addr))).await;
     drop(warm);
-    let open = || gw.state.metrics.connections_open.load(Ordering::Relaxed);
+    let open = || {
+        gw.state
+            .proxy
+            .metrics
+            .connections_open
+            .load(Ordering::Relaxed)
+    };
     assert!(eventually(Duration::from_secs(5), || async { open() == 0 }).await);
 
     let before = LIVE.load(Ordering::Relaxed);

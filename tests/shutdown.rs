@@ -190,6 +190,7 @@ async fn a_connection_accepted_before_the_drain_gets_its_first_request_answered(
     let mut w = support::wire::Wire::connect(gw.addr).await;
     let open = || {
         gw.state
+            .proxy
             .metrics
             .connections_open
             .load(std::sync::atomic::Ordering::Relaxed)

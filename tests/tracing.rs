@@ -421,6 +421,7 @@ async fn spans_follow_the_callers_trace_with_a_client_span_per_attempt() {
 
     // The access log line carries the trace id too.
     t.gw.state
+        .proxy
         .telemetry
         .access_log()
         .unwrap()

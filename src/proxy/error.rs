@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::StatusCode;
 
-use super::body::{ClientBodyError, RequestBodyError};
+use crate::body::{ClientBodyError, RequestBodyError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -121,14 +121,14 @@ pub enum ProxyError {
     InvalidHead {
         /// Which rule.
         #[source]
-        source: super::head::HeadError,
+        source: crate::rules::head::HeadError,
     },
     /// The request path is refused by `server.escaped_slashes`; nothing was forwarded.
     #[error("invalid request path")]
     InvalidPath {
         /// Why.
         #[source]
-        source: crate::routes::PathError,
+        source: crate::rules::path::PathError,
     },
     /// The upstream answered 101 to a request whose upgrade was not relayed, or switched to
     /// another protocol than the one asked for; no tunnel was opened.
@@ -278,19 +278,19 @@ mod tests {
             (ProxyError::ClientTimeout { source: None }, 408),
             (
                 ProxyError::InvalidHead {
-                    source: super::super::head::HeadError::MissingHost,
+                    source: crate::rules::head::HeadError::MissingHost,
                 },
                 400,
             ),
             (
                 ProxyError::InvalidHead {
-                    source: super::super::head::HeadError::UnsupportedTransferCoding,
+                    source: crate::rules::head::HeadError::UnsupportedTransferCoding,
                 },
                 501,
             ),
             (
                 ProxyError::InvalidPath {
-                    source: crate::routes::PathError::EscapedSlash,
+                    source: crate::rules::path::PathError::EscapedSlash,
                 },
                 400,
             ),

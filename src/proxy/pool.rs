@@ -15,26 +15,11 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::body::RequestBody;
 use super::error::UpstreamError;
+use super::settings::UpstreamConfig;
+use crate::balancer::idle::{Idle, IdleConns, BUSY};
 use crate::balancer::EndpointState;
-use crate::config::UpstreamConfig;
-
-/// One endpoint's idle connections.
-#[derive(Debug)]
-pub struct IdleConns {
-    queue: ArrayQueue<Idle>,
-}
-
-#[derive(Debug)]
-struct Idle {
-    sender: http1::SendRequest<RequestBody>,
-    /// When it was given back (see [`Reuse::last_used`]).
-    last_used: Arc<AtomicU64>,
-}
-
-/// `last_used` while a request is on the connection.
-const BUSY: u64 = u64::MAX;
+use crate::body::RequestBody;
 
 /// A connection in use; give it back with [`Reuse::release`] once its response has ended.
 #[derive(Debug)]

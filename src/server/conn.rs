@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, Method, Request, Response, Version};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
@@ -21,31 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::ConnShared;
 use crate::proxy::ResponseBody;
-
-/// What the service and the connection loop know about each other, per connection.
-#[derive(Debug, Default)]
-pub struct ConnShared {
-    /// Requests whose response body has not been dropped yet.
-    in_flight: AtomicU32,
-    /// Requests started on this connection (only compared, so wrapping is fine).
-    started: AtomicU32,
-    /// Cleared by a request that ends the connection or takes it over (close, upgrade, CONNECT):
-    /// hyper must then finish the connection itself.
-    reusable: AtomicBool,
-    /// Set by the loop while it takes the socket back from hyper: shutdown must not close it.
-    releasing: AtomicBool,
-    /// When the latest request started (`clock::now_ms`).
-    last_start_ms: AtomicU64,
-    /// The latest request started within `QUIET` of the one before: the next one is likely
-    /// to come soon too, so hyper keeps the connection until it has been quiet for a while.
-    hot: AtomicBool,
-    /// [`Plain::quiet`] in milliseconds.
-    quiet_ms: u64,
-    /// A request was answered before its body was read to the end: the connection closes
-    /// after the answer, and what the client still sends is read and discarded first.
-    unread: AtomicBool,
-}
 
 /// How long a busy connection must be quiet before its buffers are released; also what
 /// "busy" means (requests less than this apart). Short, so that a burst of new connections
@@ -53,86 +30,6 @@ pub struct ConnShared {
 /// connection serving back-to-back requests keeps hyper's state instead of rebuilding it.
 /// Halved when `header_read_timeout` is shorter, since hyper closes the connection then.
 const QUIET: Duration = Duration::from_millis(100);
-
-impl ConnShared {
-    /// A new connection's shared state; `quiet` is [`Plain::quiet`].
-    pub fn new(quiet: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            reusable: AtomicBool::new(true),
-            quiet_ms: quiet.as_millis() as u64,
-            ..Self::default()
-        })
-    }
-
-    /// Counts a request in; the mark counts it out when the response body is dropped.
-    pub fn begin<B>(self: &Arc<Self>, req: &Request<B>) -> RequestMark {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let now = crate::clock::now_ms();
-        let prev = self.last_start_ms.swap(now, Ordering::Relaxed);
-        self.hot.store(
-            prev != 0 && now.saturating_sub(prev) < self.quiet_ms,
-            Ordering::Relaxed,
-        );
-        if !keeps_connection(req) {
-            self.reusable.store(false, Ordering::Relaxed);
-        }
-        RequestMark(self.clone())
-    }
-
-    /// Marks the connection as carrying an unread request body: it must end after the
-    /// current answer and never be handed back for another request.
-    pub fn end_unread(&self) {
-        self.unread.store(true, Ordering::Relaxed);
-        self.reusable.store(false, Ordering::Relaxed);
-    }
-
-    /// True when every request started since `started_before` has finished and none of them
-    /// asked to end or take over the connection.
-    fn idle_after(&self, started_before: u32) -> bool {
-        self.started.load(Ordering::Relaxed) != started_before
-            && self.in_flight.load(Ordering::Relaxed) == 0
-            && self.reusable.load(Ordering::Relaxed)
-    }
-}
-
-/// A request in flight on a downstream connection, until dropped with its response body.
-#[derive(Debug)]
-pub struct RequestMark(Arc<ConnShared>);
-
-impl RequestMark {
-    /// See [`ConnShared::end_unread`]: this request was answered with its body unread.
-    pub fn end_unread(&self) {
-        self.0.end_unread();
-    }
-}
-
-impl Drop for RequestMark {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Requests after which the socket must not be taken back: hyper closes or upgrades it, or may
-/// decide to close it. A chunked request is one: hyper drops a `Content-Length` sent with
-/// `Transfer-Encoding` before the service sees it and closes after the answer (RFC 9112 §6.3),
-/// so such a connection is left to hyper to keep or close.
-fn keeps_connection<B>(req: &Request<B>) -> bool {
-    if req.version() != Version::HTTP_11
-        || req.method() == Method::CONNECT
-        || req.headers().contains_key(header::TRANSFER_ENCODING)
-    {
-        return false;
-    }
-    req.headers().get_all(header::CONNECTION).iter().all(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',').all(|t| {
-                let t = t.trim();
-                !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("upgrade")
-            })
-        })
-    })
-}
 
 /// The socket, with bytes already read from it (hyper's leftover buffer, or a sniffed
 /// preface) replayed first.

@@ -16,8 +16,8 @@ use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter as _, SpanProcessor}
 use opentelemetry_sdk::Resource;
 use tokio::sync::{oneshot, Notify};
 
+use super::settings::{BatchConfig, OtlpProtocol, TracingConfig};
 use super::TracingError;
-use crate::config::otel::{BatchConfig, OtlpProtocol, TracingConfig};
 
 /// What happened to finished spans; read by `/metrics`.
 #[derive(Debug, Default)]
@@ -222,7 +222,7 @@ fn build_exporter(
                 .map_err(|e| {
                     ExporterBuildError::InternalFailure(format!(
                         "building the HTTP client: {}",
-                        crate::proxy::Chain(&e)
+                        crate::error::Chain(&e)
                     ))
                 })?;
             SpanExporter::builder()

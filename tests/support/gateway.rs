@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate::config::{Config, Env};
-use meshgate::discovery::StaticDiscovery;
-use meshgate::proxy::ProxyState;
+use meshgate::control::static_discovery::StaticDiscovery;
+use meshgate::control::ControlState;
 use meshgate::{Gateway, Listeners};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -22,7 +22,7 @@ pub struct TestGateway {
     /// TLS listener, when the config has `[tls]`.
     pub tls: Option<SocketAddr>,
     /// Request-path state (pools, routes).
-    pub state: Arc<ProxyState>,
+    pub state: Arc<ControlState>,
     /// The static provider, to change services at run time.
     pub discovery: StaticDiscovery,
     stop: Option<oneshot::Sender<()>>,

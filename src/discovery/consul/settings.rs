@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
-use crate::config::limits;
+use crate::limits;
 
 /// The Consul HTTP API address used when neither the file nor `CONSUL_HTTP_ADDR` sets one.
 pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:8500";

@@ -10,37 +10,17 @@ use http::uri::Scheme;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::consul::{self, ConsulClient, ConsulError, ServiceSync, TagRoute};
+use super::{ControlState, LiveService, Source};
 use crate::balancer::{Policy, ServicePool};
 use crate::config::{Backend, Config, RouteConfig, ServiceSettings, StaticService};
+use crate::discovery::consul::{self, ConsulClient, ConsulError, ServiceSync, TagRoute};
+use crate::discovery::Discovered;
 use crate::health::{HealthCallback, HealthCheck};
-use crate::proxy::limit::Limiter;
-use crate::proxy::{ErrorHandler, ProxyState};
-use crate::routes::{Rewrite, Route, RouteTable};
+use crate::proxy::client::{client_for, Transport};
+use crate::proxy::route::{ErrorHandler, Route, RouteTable};
+use crate::rules::limit::Limiter;
+use crate::rules::path::Rewrite;
 use crate::tls::UpstreamTls;
-
-/// Where a service's endpoints come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// `[discovery.static]` or a route's `targets`.
-    Static,
-    /// A Consul blocking query.
-    Consul,
-}
-
-/// A live service as admin views see it.
-#[derive(Debug)]
-pub struct ServiceEntry {
-    /// The pool.
-    pub pool: Arc<ServicePool>,
-    /// Where endpoints come from.
-    pub source: Source,
-    /// Consul sync state, for Consul services.
-    pub sync: Option<Arc<ServiceSync>>,
-    /// Whether active probes run.
-    pub probed: bool,
-}
 
 struct Probe {
     check: HealthCheck,
@@ -67,7 +47,7 @@ struct Inner {
 
 /// Owns everything discovery-driven; see the module docs.
 pub struct Registry {
-    state: Arc<ProxyState>,
+    control: Arc<ControlState>,
     consul: Option<ConsulClient>,
     background: CancellationToken,
     tracker: TaskTracker,
@@ -90,7 +70,7 @@ impl Registry {
     /// pools empty until their first answer). Background tasks start with [`Registry::start`].
     pub fn new(
         config: Config,
-        state: Arc<ProxyState>,
+        control: Arc<ControlState>,
         handlers: HashMap<String, ErrorHandler>,
         on_health_change: Option<HealthCallback>,
     ) -> Result<Arc<Self>, RegistryError> {
@@ -99,7 +79,7 @@ impl Registry {
             None => None,
         };
         let registry = Arc::new_cyclic(|me| Registry {
-            state,
+            control,
             consul,
             background: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -231,12 +211,11 @@ impl Registry {
         }
         {
             let inner = self.lock();
-            self.state.cors.store(inner.config.cors.clone());
-            self.state
-                .path_rules
-                .store(crate::routes::PathRules::from(&inner.config.server));
+            let proxy = &self.control.proxy;
+            proxy.cors.store(inner.config.cors.clone());
+            proxy.path_rules.store(inner.config.server.path_rules());
             // Certificates were read again by validation: renewed files apply to new handshakes.
-            self.state
+            self.control
                 .tls
                 .store(inner.config.tls.as_ref().map(|t| t.server_config.clone()));
         }
@@ -450,10 +429,10 @@ impl Registry {
 
         // Publish.
         let table = RouteTable::new(inner.routes.values().map(|(_, r)| r.clone()).collect());
-        let services: BTreeMap<Arc<str>, Arc<ServiceEntry>> = wanted
+        let services: BTreeMap<Arc<str>, Arc<LiveService>> = wanted
             .iter()
             .map(|(name, (source, _, _))| {
-                let entry = ServiceEntry {
+                let entry = LiveService {
                     pool: inner.pools[name].clone(),
                     source: *source,
                     sync: inner.syncs.get(name).cloned(),
@@ -462,10 +441,10 @@ impl Registry {
                 (name.clone(), Arc::new(entry))
             })
             .collect();
-        self.state.table.store(Arc::new(table));
-        self.state.services.store(Arc::new(services));
-        self.state.notes.store(Arc::new(notes));
-        self.state
+        self.control.proxy.table.store(Arc::new(table));
+        self.control.services.store(Arc::new(services));
+        self.control.notes.store(Arc::new(notes));
+        self.control
             .config
             .store(Some(Arc::new(inner.config.clone())));
     }
@@ -478,13 +457,12 @@ impl Registry {
         h2c: bool,
         upstream: &crate::config::UpstreamConfig,
     ) {
-        use crate::proxy::forward::{client_for, Transport};
         let tls_pool = route.pool.scheme() == &Scheme::HTTPS;
         let build = |transport| match client_for(upstream, cfg.upstream_tls.as_ref(), transport) {
             Ok(c) => Some(c),
             Err(e) => {
                 // Validation read the same files; they changed since. The shared client stays.
-                tracing::error!(route = %cfg.name, error = %crate::proxy::Chain(&e), "upstream TLS settings unusable");
+                tracing::error!(route = %cfg.name, error = %crate::error::Chain(&e), "upstream TLS settings unusable");
                 None
             }
         };
@@ -538,7 +516,7 @@ impl Registry {
             .map(|name| {
                 let sync = inner.syncs[name].clone();
                 let (me, service, own) = (self.me.clone(), name.clone(), sync.clone());
-                let publish: Box<dyn FnMut(Vec<super::Discovered>) + Send> = Box::new(move |eps| {
+                let publish: Box<dyn FnMut(Vec<Discovered>) + Send> = Box::new(move |eps| {
                     if let Some(registry) = me.upgrade() {
                         registry.publish_consul(&service, &own, eps);
                     }
@@ -559,12 +537,7 @@ impl Registry {
     /// Installs a Consul answer for `service` (called by its watch, before the watch marks it
     /// synced, so /ready implies published) and republishes the routes when one of its tag
     /// routes appears or leaves.
-    fn publish_consul(
-        &self,
-        service: &Arc<str>,
-        sync: &Arc<ServiceSync>,
-        eps: Vec<super::Discovered>,
-    ) {
+    fn publish_consul(&self, service: &Arc<str>, sync: &Arc<ServiceSync>, eps: Vec<Discovered>) {
         let registered = sync.registered();
         let republish = {
             let mut inner = self.lock();
@@ -684,7 +657,9 @@ fn tag_route(t: &TagRoute) -> Result<RouteConfig, String> {
     }
     if let Some(strip) = &t.strip {
         r.rewrite
-            .push(Rewrite::StripPrefix(crate::routes::normalise_prefix(strip)));
+            .push(Rewrite::StripPrefix(crate::rules::path::normalise_prefix(
+                strip,
+            )));
     }
     Ok(r)
 }

@@ -5,9 +5,6 @@
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use super::raw::RawSize;
-use super::{parse_size, Check};
-
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -120,7 +117,7 @@ pub fn check_number<T: PartialOrd + std::fmt::Display>(
 }
 
 /// A bound as a user would write it: `0s`, `1ms`, `600s`, `24h`.
-fn show_duration(d: Duration) -> String {
+pub fn show_duration(d: Duration) -> String {
     let s = d.as_secs();
     match () {
         _ if d.subsec_nanos() != 0 => format!("{}ms", d.as_millis()),
@@ -130,7 +127,7 @@ fn show_duration(d: Duration) -> String {
 }
 
 /// A size bound as a user would write it: `8KiB`, `64MiB`, `1024GiB`, `0`.
-fn show_size(n: u64) -> String {
+pub fn show_size(n: u64) -> String {
     match n {
         0 => "0".to_owned(),
         _ if n % GIB == 0 => format!("{}GiB", n / GIB),
@@ -139,79 +136,3 @@ fn show_size(n: u64) -> String {
         _ => format!("{n} bytes"),
     }
 }
-
-impl Check {
-    /// A duration key: parsed, then held to `range`. On a problem the range's start stands in,
-    /// so one bad value is reported once.
-    pub(super) fn duration_in(
-        &mut self,
-        path: &str,
-        text: &str,
-        range: RangeInclusive<Duration>,
-    ) -> Duration {
-        let d = match humantime::parse_duration(text.trim()) {
-            Ok(d) => d,
-            Err(e) => {
-                self.err(
-                    path,
-                    format!("invalid duration {text:?} ({e}); use e.g. \"250ms\", \"10s\", \"5m\""),
-                );
-                return *range.start();
-            }
-        };
-        match check_duration(d, &range, &format!("{:?}", text.trim())) {
-            Ok(()) => d,
-            Err(m) => {
-                self.err(path, m);
-                *range.start()
-            }
-        }
-    }
-
-    /// A count key held to `range`; on a problem the nearest bound stands in.
-    pub(super) fn count_in(&mut self, path: &str, n: i64, range: RangeInclusive<i64>) -> usize {
-        if let Err(m) = check_number(n, &range) {
-            self.err(path, m);
-        }
-        n.clamp(*range.start(), *range.end()).max(0) as usize
-    }
-
-    /// A size key (`"64KiB"` or bytes) held to `range`; on a problem the range's start stands in.
-    pub(super) fn size_in(
-        &mut self,
-        path: &str,
-        size: &RawSize,
-        range: RangeInclusive<u64>,
-    ) -> u64 {
-        let n = match size {
-            // Below every range, like any other value outside it.
-            RawSize::Bytes(b) if *b < 0 => None,
-            _ => match parse_size(size) {
-                Ok(n) => Some(n),
-                Err(m) => {
-                    self.err(path, m);
-                    return *range.start();
-                }
-            },
-        };
-        if let Some(n) = n.filter(|n| range.contains(n)) {
-            return n;
-        }
-        let got = match size {
-            RawSize::Bytes(b) => format!("{b} bytes"),
-            RawSize::Text(t) => t.trim().to_owned(),
-        };
-        self.err(
-            path,
-            format!(
-                "must be from {} to {}, got {got}",
-                show_size(*range.start()),
-                show_size(*range.end())
-            ),
-        );
-        *range.start()
-    }
-}
-
-#[cfg(test)]
-mod tests;

@@ -1,15 +1,8 @@
-//! The route table: longest-prefix matching on segment boundaries over dot-normalised paths,
-//! and the rewrite chain. Pure functions; the proxy owns what happens after a match.
+//! Pure path rules: longest-prefix matching on segment boundaries, the rewrite chain, dot-segment
+//! removal and escaped-slash handling. Functions of their input only; the data plane applies them.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
-
-use crate::balancer::{Picker, ServicePool};
-use crate::config::{ErrorPage, RouteConfig};
-use crate::proxy::headers::HeaderOps;
-use crate::proxy::ErrorHandler;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// One path rewrite step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +61,7 @@ pub fn rewrite_path(path: &str, chain: &[Rewrite]) -> String {
 
 /// The rest of `path` after `prefix` when `prefix` ends on a segment boundary of `path`
 /// (`/api` matches `/api` and `/api/x`, never `/apix`). The root prefix matches everything.
-fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+pub fn strip_segment_prefix<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
     if prefix == "/" {
         return Some(path);
     }
@@ -149,15 +142,6 @@ pub struct PathRules {
     pub escaped_slashes: EscapedSlashes,
     /// Collapse runs of `/` into one.
     pub merge_slashes: bool,
-}
-
-impl From<&crate::config::ServerConfig> for PathRules {
-    fn from(server: &crate::config::ServerConfig) -> Self {
-        Self {
-            escaped_slashes: server.escaped_slashes,
-            merge_slashes: server.merge_slashes,
-        }
-    }
 }
 
 /// The [`PathRules`] in force, in one atomic byte: read on every request without a lock,
@@ -272,149 +256,6 @@ fn unescape_slashes(path: &str) -> String {
         }
     }
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// A live route: its settings plus its pool and picker, resolved once when the table is built.
-pub struct Route {
-    /// Unique name.
-    pub name: Arc<str>,
-    /// Normalised prefix.
-    pub path: String,
-    /// The service's pool.
-    pub pool: Arc<ServicePool>,
-    /// Policy and cursor.
-    pub picker: Picker,
-    /// Rewrite chain.
-    pub rewrite: Vec<Rewrite>,
-    /// Until response headers arrive.
-    pub timeout: Duration,
-    /// Pass the client's Host.
-    pub preserve_host: bool,
-    /// Request header changes.
-    pub request_headers: HeaderOps,
-    /// Response header changes.
-    pub response_headers: HeaderOps,
-    /// Custom error answer from the config.
-    pub error: Option<ErrorPage>,
-    /// Custom error answer from the library API; wins over `error`.
-    pub error_handler: Option<ErrorHandler>,
-    /// Request body limit.
-    pub max_body: Option<u64>,
-    /// Retry policy.
-    pub retry: crate::proxy::retry::RetryPolicy,
-    /// Requests and retries in flight, for the retry budget.
-    pub budget: crate::proxy::retry::RetryBudget,
-    /// The service's concurrency cap, shared by every route on it.
-    pub limiter: Option<Arc<crate::proxy::limit::Limiter>>,
-    /// Limit on a streaming response once its headers arrived.
-    pub stream_timeout: Option<Duration>,
-    /// This route's own upstream client (TLS settings, h2c); `None` uses the shared one.
-    pub client: Option<crate::proxy::forward::UpstreamClient>,
-    /// An HTTP/1.1-only client for protocol upgrades to TLS upstreams (ALPN could pick h2).
-    pub upgrade_client: Option<crate::proxy::forward::UpstreamClient>,
-    /// Relay HTTP/1.1 upgrades (WebSocket).
-    pub websocket: bool,
-    /// Close an upgraded connection after this much silence.
-    pub websocket_idle_timeout: Option<Duration>,
-    /// Request counts by method and status class, latency histograms, retries.
-    pub metrics: crate::metrics::RouteMetrics,
-    requests: AtomicU64,
-    failures: AtomicU64,
-}
-
-impl std::fmt::Debug for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Route")
-            .field("name", &self.name)
-            .field("path", &self.path)
-            .finish()
-    }
-}
-
-impl Route {
-    /// Builds the live route from its config and its service's pool.
-    pub fn new(
-        cfg: &RouteConfig,
-        pool: Arc<ServicePool>,
-        error_handler: Option<ErrorHandler>,
-        limiter: Option<Arc<crate::proxy::limit::Limiter>>,
-    ) -> Self {
-        Self {
-            name: cfg.name.clone(),
-            path: cfg.path.clone(),
-            pool,
-            picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
-            retry: cfg.retry.clone(),
-            budget: Default::default(),
-            limiter,
-            stream_timeout: cfg.stream_timeout,
-            metrics: Default::default(),
-            client: None,
-            upgrade_client: None,
-            websocket: cfg.websocket,
-            websocket_idle_timeout: cfg.websocket_idle_timeout,
-            rewrite: cfg.rewrite.clone(),
-            timeout: cfg.timeout,
-            preserve_host: cfg.preserve_host,
-            request_headers: cfg.request_headers.clone(),
-            response_headers: cfg.response_headers.clone(),
-            error: cfg.error.clone(),
-            error_handler,
-            max_body: cfg.max_body,
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one request and whether the gateway failed it.
-    pub fn record(&self, failed: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if failed {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Requests routed here.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    /// Requests the gateway answered with an error of its own.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-}
-
-/// Routes ordered for longest-prefix matching.
-#[derive(Debug, Default)]
-pub struct RouteTable {
-    /// Longest prefix first.
-    routes: Vec<Arc<Route>>,
-}
-
-impl RouteTable {
-    /// Orders routes so the first match is the longest prefix.
-    pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
-        routes.sort_by(|a, b| {
-            b.path
-                .len()
-                .cmp(&a.path.len())
-                .then_with(|| a.path.cmp(&b.path))
-        });
-        Self { routes }
-    }
-
-    /// The route whose prefix matches `path` (already dot-normalised) on a segment boundary.
-    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
-        self.routes
-            .iter()
-            .find(|r| strip_segment_prefix(path, &r.path).is_some())
-    }
-
-    /// All routes, longest prefix first.
-    pub fn routes(&self) -> &[Arc<Route>] {
-        &self.routes
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,162 @@
+//! A live route (its settings resolved with its pool, picker, clients and counters) and the
+//! route table that picks one by longest prefix.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+
+use super::error::ProxyError;
+use super::settings::{ErrorPage, RouteConfig};
+use crate::balancer::{Picker, ServicePool};
+use crate::rules::headers::HeaderOps;
+use crate::rules::path::{strip_segment_prefix, Rewrite};
+
+/// A route's custom error answer written in code (the library API); `None` falls back to the
+/// route's configured `error` page, then to the JSON default.
+pub type ErrorHandler = Arc<dyn Fn(&ProxyError) -> Option<Response<Bytes>> + Send + Sync>;
+
+/// A live route: its settings plus its pool and picker, resolved once when the table is built.
+pub struct Route {
+    /// Unique name.
+    pub name: Arc<str>,
+    /// Normalised prefix.
+    pub path: String,
+    /// The service's pool.
+    pub pool: Arc<ServicePool>,
+    /// Policy and cursor.
+    pub picker: Picker,
+    /// Rewrite chain.
+    pub rewrite: Vec<Rewrite>,
+    /// Until response headers arrive.
+    pub timeout: Duration,
+    /// Pass the client's Host.
+    pub preserve_host: bool,
+    /// Request header changes.
+    pub request_headers: HeaderOps,
+    /// Response header changes.
+    pub response_headers: HeaderOps,
+    /// Custom error answer from the config.
+    pub error: Option<ErrorPage>,
+    /// Custom error answer from the library API; wins over `error`.
+    pub error_handler: Option<ErrorHandler>,
+    /// Request body limit.
+    pub max_body: Option<u64>,
+    /// Retry policy.
+    pub retry: crate::rules::retry::RetryPolicy,
+    /// Requests and retries in flight, for the retry budget.
+    pub budget: crate::rules::retry::RetryBudget,
+    /// The service's concurrency cap, shared by every route on it.
+    pub limiter: Option<Arc<crate::rules::limit::Limiter>>,
+    /// Limit on a streaming response once its headers arrived.
+    pub stream_timeout: Option<Duration>,
+    /// This route's own upstream client (TLS settings, h2c); `None` uses the shared one.
+    pub client: Option<super::client::UpstreamClient>,
+    /// An HTTP/1.1-only client for protocol upgrades to TLS upstreams (ALPN could pick h2).
+    pub upgrade_client: Option<super::client::UpstreamClient>,
+    /// Relay HTTP/1.1 upgrades (WebSocket).
+    pub websocket: bool,
+    /// Close an upgraded connection after this much silence.
+    pub websocket_idle_timeout: Option<Duration>,
+    /// Request counts by method and status class, latency histograms, retries.
+    pub metrics: crate::metrics::RouteMetrics,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Route {
+    /// Builds the live route from its config and its service's pool.
+    pub fn new(
+        cfg: &RouteConfig,
+        pool: Arc<ServicePool>,
+        error_handler: Option<ErrorHandler>,
+        limiter: Option<Arc<crate::rules::limit::Limiter>>,
+    ) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            path: cfg.path.clone(),
+            pool,
+            picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
+            retry: cfg.retry.clone(),
+            budget: Default::default(),
+            limiter,
+            stream_timeout: cfg.stream_timeout,
+            metrics: Default::default(),
+            client: None,
+            upgrade_client: None,
+            websocket: cfg.websocket,
+            websocket_idle_timeout: cfg.websocket_idle_timeout,
+            rewrite: cfg.rewrite.clone(),
+            timeout: cfg.timeout,
+            preserve_host: cfg.preserve_host,
+            request_headers: cfg.request_headers.clone(),
+            response_headers: cfg.response_headers.clone(),
+            error: cfg.error.clone(),
+            error_handler,
+            max_body: cfg.max_body,
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request and whether the gateway failed it.
+    pub fn record(&self, failed: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests routed here.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests the gateway answered with an error of its own.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Routes ordered for longest-prefix matching.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Longest prefix first.
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Orders routes so the first match is the longest prefix.
+    pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
+        routes.sort_by(|a, b| {
+            b.path
+                .len()
+                .cmp(&a.path.len())
+                .then_with(|| a.path.cmp(&b.path))
+        });
+        Self { routes }
+    }
+
+    /// The route whose prefix matches `path` (already dot-normalised) on a segment boundary.
+    pub fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|r| strip_segment_prefix(path, &r.path).is_some())
+    }
+
+    /// All routes, longest prefix first.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+}
