@@ -4,9 +4,11 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod forward;
+pub mod pipeline;
 pub mod pool;
 pub mod route;
 pub mod settings;
+pub mod stages;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -26,7 +28,7 @@ use crate::telemetry::{self, BodyTap, RequestLog};
 pub use body::ResponseBody;
 use client::UpstreamClient;
 pub use error::ProxyError;
-use forward::Downstream;
+use pipeline::{Exchange, Flow};
 pub use route::{ErrorHandler, Route, RouteTable};
 
 /// Everything the request path reads. Swapped parts are `ArcSwap`s; nothing here is locked.
@@ -187,34 +189,43 @@ async fn route_request(
         log.service = Some(route.pool.name().clone());
     }
     let started = tokio::time::Instant::now();
-    let method = req.method().clone();
     // Only a WebSocket upgrade travels, and only where the route allows it; any other
     // `Upgrade` is removed here, so no upstream can answer it with a tunnel.
     let upgrade = head::filter_upgrade(req.version(), req.headers_mut(), route.websocket)
         .then(|| hyper::upgrade::on(&mut req));
-    let down = Downstream {
+    let (head, body) = req.into_parts();
+    let method = head.method.clone();
+    let mut ex = Exchange {
+        head,
+        path: &path,
+        upstream_path: None,
         client: client.ip(),
         host,
         proto,
         request_id,
         upgrade,
         upgrades: &state.upgrades,
+        deadline: started + route.timeout,
+        permit: None,
         span,
         log,
     };
-    match forward::forward(&state.client, &state.http1, &route, req, &path, down).await {
-        Ok(mut resp) => {
+    let result = match route.pipeline.request(&mut ex).await {
+        Ok((Flow::Next, ran)) => {
+            forward::forward(&state.client, &state.http1, &route, &mut ex, body)
+                .await
+                .map(|resp| (resp, ran))
+        }
+        Ok((Flow::Answer(resp), ran)) => Ok((resp, ran)),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((mut resp, ran)) => {
             route.record(resp.status().is_server_error());
             route
                 .metrics
                 .record(&method, resp.status().as_u16(), started.elapsed());
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                // The upstream's own handshake answer goes back as it is, Upgrade included.
-                headers::remove_hop_by_hop_keep_upgrade(resp.headers_mut());
-            } else {
-                headers::remove_hop_by_hop(resp.headers_mut());
-            }
-            route.response_headers.apply(resp.headers_mut());
+            route.pipeline.response(&ex, ran, &mut resp);
             resp
         }
         Err(e) => {

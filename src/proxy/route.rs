@@ -9,9 +9,11 @@ use bytes::Bytes;
 use http::Response;
 
 use super::error::ProxyError;
+use super::pipeline::{Pipeline, Stage};
 use super::settings::{ErrorPage, RouteConfig};
+use super::stages::{BodyLimit, Concurrency, ForwardingHeaders, HeaderRules, RewritePath};
 use crate::balancer::{Picker, ServicePool};
-use crate::rules::headers::HeaderOps;
+use crate::rules::limit::Limiter;
 use crate::rules::path::{strip_segment_prefix, Rewrite};
 
 /// A route's custom error answer written in code (the library API); `None` falls back to the
@@ -34,10 +36,6 @@ pub struct Route {
     pub timeout: Duration,
     /// Pass the client's Host.
     pub preserve_host: bool,
-    /// Request header changes.
-    pub request_headers: HeaderOps,
-    /// Response header changes.
-    pub response_headers: HeaderOps,
     /// Custom error answer from the config.
     pub error: Option<ErrorPage>,
     /// Custom error answer from the library API; wins over `error`.
@@ -48,8 +46,8 @@ pub struct Route {
     pub retry: crate::rules::retry::RetryPolicy,
     /// Requests and retries in flight, for the retry budget.
     pub budget: crate::rules::retry::RetryBudget,
-    /// The service's concurrency cap, shared by every route on it.
-    pub limiter: Option<Arc<crate::rules::limit::Limiter>>,
+    /// The stages a request runs before forwarding.
+    pub pipeline: Pipeline,
     /// Limit on a streaming response once its headers arrived.
     pub stream_timeout: Option<Duration>,
     /// This route's own upstream client (TLS settings, h2c); `None` uses the shared one.
@@ -81,8 +79,9 @@ impl Route {
         cfg: &RouteConfig,
         pool: Arc<ServicePool>,
         error_handler: Option<ErrorHandler>,
-        limiter: Option<Arc<crate::rules::limit::Limiter>>,
+        limiter: Option<Arc<Limiter>>,
     ) -> Self {
+        let pool_name = pool.name().clone();
         Self {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
@@ -90,7 +89,7 @@ impl Route {
             picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
             retry: cfg.retry.clone(),
             budget: Default::default(),
-            limiter,
+            pipeline: pipeline(cfg, pool_name, limiter),
             stream_timeout: cfg.stream_timeout,
             metrics: Default::default(),
             client: None,
@@ -100,8 +99,6 @@ impl Route {
             rewrite: cfg.rewrite.clone(),
             timeout: cfg.timeout,
             preserve_host: cfg.preserve_host,
-            request_headers: cfg.request_headers.clone(),
-            response_headers: cfg.response_headers.clone(),
             error: cfg.error.clone(),
             error_handler,
             max_body: cfg.max_body,
@@ -127,6 +124,33 @@ impl Route {
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
+}
+
+/// A route's stages from its settings, in the documented order; stages with nothing to do are
+/// left out, so a plain route runs only the forwarding headers.
+fn pipeline(cfg: &RouteConfig, service: Arc<str>, limiter: Option<Arc<Limiter>>) -> Pipeline {
+    let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    if let Some(limit) = cfg.max_body {
+        stages.push(Box::new(BodyLimit { limit }));
+    }
+    if let Some(limiter) = limiter {
+        stages.push(Box::new(Concurrency { limiter, service }));
+    }
+    stages.push(Box::new(ForwardingHeaders {
+        preserve_host: cfg.preserve_host,
+    }));
+    if !cfg.request_headers.is_empty() || !cfg.response_headers.is_empty() {
+        stages.push(Box::new(HeaderRules {
+            request: cfg.request_headers.clone(),
+            response: cfg.response_headers.clone(),
+        }));
+    }
+    if !cfg.rewrite.is_empty() {
+        stages.push(Box::new(RewritePath {
+            chain: cfg.rewrite.clone(),
+        }));
+    }
+    Pipeline::new(stages)
 }
 
 /// Routes ordered for longest-prefix matching.

@@ -32,6 +32,11 @@ impl Limiter {
         (self.max_requests, self.max_pending)
     }
 
+    /// A permit when one is free now, without waiting.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
     /// A permit, waiting in the queue until `deadline` when there is room in it; `None` means
     /// the service is saturated (503).
     pub async fn acquire(&self, deadline: Instant) -> Option<OwnedSemaphorePermit> {
