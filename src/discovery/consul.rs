@@ -17,8 +17,8 @@ use std::time::Duration;
 
 pub use client::{CatalogAnswer, ConsulClient, HealthAnswer, StateAnswer};
 pub use decode::{
-    aggregate_status, excluded_instances, has_all_tags, to_discovered, Check, ExcludedInstance,
-    Node, Service, ServiceEntry, Weights, MAX_WEIGHT,
+    aggregate_status, excluded_instances, has_all_tags, to_discovered, CheckEntry,
+    ExcludedInstance, HealthEntry, Node, Service, Weights, MAX_WEIGHT,
 };
 pub use feed::{watch_many, ServiceWatch};
 pub use settings::{

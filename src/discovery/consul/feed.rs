@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::client::QueryMeta;
-use super::decode::{excluded_instances, to_discovered, Check};
+use super::decode::{excluded_instances, to_discovered, CheckEntry};
 use super::watch::{
     blocking_loop, watch_service, Backoff, Recorder, ServiceSync, TokenBucket, QUERY_BURST,
     QUERY_REFILL,
@@ -100,7 +100,7 @@ pub async fn watch_many(
 /// What the two feed loops tell the coordinator.
 enum Wake {
     State {
-        checks: Vec<Check>,
+        checks: Vec<CheckEntry>,
         fresh: bool,
     },
     Catalog {
@@ -150,7 +150,7 @@ pub(super) struct Fingerprints {
     pub(super) nodes: HashMap<String, u64>,
 }
 
-pub(super) fn fingerprints(checks: &[Check]) -> Fingerprints {
+pub(super) fn fingerprints(checks: &[CheckEntry]) -> Fingerprints {
     let mut fp = Fingerprints::default();
     for check in checks {
         let mut h = DefaultHasher::new();

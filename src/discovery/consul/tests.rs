@@ -21,7 +21,7 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
-fn entries(name: &str) -> Vec<ServiceEntry> {
+fn entries(name: &str) -> Vec<HealthEntry> {
     serde_json::from_slice(&fixture(name)).unwrap_or_else(|e| panic!("decoding {name}: {e}"))
 }
 
@@ -247,7 +247,7 @@ fn entry_json(node: &str, svc: &str, checks: &str) -> String {
     format!(r#"{{"Node":{node},"Service":{svc},"Checks":{checks}}}"#)
 }
 
-fn decode_one(json: &str) -> ServiceEntry {
+fn decode_one(json: &str) -> HealthEntry {
     serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
 }
 
@@ -317,8 +317,8 @@ fn decode_tolerates_nulls_missing_fields_and_unknown_fields() {
     assert!(to_discovered(&[bare], &WarningMode::Degrade, &[]).is_empty());
 }
 
-fn check(id: &str, status: &str, service_id: &str) -> Check {
-    Check {
+fn check(id: &str, status: &str, service_id: &str) -> CheckEntry {
+    CheckEntry {
         node: "n1".into(),
         check_id: id.into(),
         status: status.into(),
@@ -335,7 +335,7 @@ fn check(id: &str, status: &str, service_id: &str) -> Check {
 #[test]
 fn aggregate_status_precedence() {
     use InstanceStatus::*;
-    let cases: &[(&[Check], InstanceStatus)] = &[
+    let cases: &[(&[CheckEntry], InstanceStatus)] = &[
         (&[], Passing),
         (
             &[
@@ -389,8 +389,8 @@ fn synthetic(
     weights: (u32, u32),
     status: &str,
     tags: &[&str],
-) -> ServiceEntry {
-    ServiceEntry {
+) -> HealthEntry {
+    HealthEntry {
         node: Node {
             node: "n1".into(),
             address: "10.0.0.1".into(),
