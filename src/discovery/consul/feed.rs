@@ -22,13 +22,30 @@ use super::watch::{
 use super::{error_chain, ConsulClient, ConsulError, HealthAnswer};
 use crate::discovery::Discovered;
 
-/// One service to watch: its name, its status (read by /status), and where its endpoint
-/// sets go.
-pub type ServiceWatch = (
-    Arc<str>,
-    Arc<ServiceSync>,
-    Box<dyn FnMut(Vec<Discovered>) + Send>,
-);
+/// One service for [`watch_many`]: its name, its status, and where its endpoint sets go.
+pub struct ServiceWatch {
+    /// The Consul service name.
+    name: Arc<str>,
+    /// Written by the watch, read by /status and /ready.
+    sync: Arc<ServiceSync>,
+    /// Receives each changed endpoint set (when: see [`watch_service`]).
+    publish: Box<dyn FnMut(Vec<Discovered>) + Send>,
+}
+
+impl ServiceWatch {
+    /// Watches `name`, records its status on `sync` and hands changed sets to `publish`.
+    pub fn new(
+        name: Arc<str>,
+        sync: Arc<ServiceSync>,
+        publish: impl FnMut(Vec<Discovered>) + Send + 'static,
+    ) -> Self {
+        Self {
+            name,
+            sync,
+            publish: Box::new(publish),
+        }
+    }
+}
 
 /// Concurrent non-blocking health reads during a refresh round.
 const REFRESH_CONCURRENCY: usize = 8;
@@ -69,12 +86,17 @@ pub async fn watch_many(
     }
     if services.len() <= max_watches {
         let mut tasks = JoinSet::new();
-        for (name, sync, on_change) in services {
+        for ServiceWatch {
+            name,
+            sync,
+            publish,
+        } in services
+        {
             tasks.spawn(watch_service(
                 client.clone(),
                 name,
                 sync,
-                on_change,
+                publish,
                 cancel.clone(),
             ));
         }
@@ -174,13 +196,13 @@ pub(super) fn fingerprints(checks: &[CheckEntry]) -> Fingerprints {
 }
 
 async fn run_feed(client: ConsulClient, services: Vec<ServiceWatch>, cancel: CancellationToken) {
-    let syncs: Vec<Arc<ServiceSync>> = services.iter().map(|(_, s, _)| s.clone()).collect();
+    let syncs: Vec<Arc<ServiceSync>> = services.iter().map(|w| w.sync.clone()).collect();
     let mut watched: Vec<Watched> = services
         .into_iter()
-        .map(|(name, sync, on_change)| Watched {
-            name,
-            sync,
-            on_change,
+        .map(|w| Watched {
+            name: w.name,
+            sync: w.sync,
+            on_change: w.publish,
             last: None,
             nodes: BTreeSet::new(),
         })
