@@ -5,6 +5,7 @@
 mod client;
 mod decode;
 mod feed;
+mod publish;
 mod settings;
 mod tags;
 mod watch;

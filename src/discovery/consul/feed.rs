@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::client::QueryMeta;
-use super::decode::{excluded_instances, to_discovered, CheckEntry};
+use super::client::{Answer, QueryMeta};
+use super::decode::CheckEntry;
+use super::publish::Publisher;
 use super::watch::{
     blocking_loop, watch_service, Backoff, Recorder, ServiceSync, TokenBucket, QUERY_BURST,
     QUERY_REFILL,
@@ -53,9 +54,8 @@ const REFRESH_CONCURRENCY: usize = 8;
 /// trade-off on [`watch_many`]).
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
 
-/// Watches every service in `services` until `cancel`, with the same publishing guarantees
-/// as [`watch_service`] (first success always published, failures never, an unchanged set
-/// and registration never twice).
+/// Watches every service in `services` until `cancel`, publishing by the same rules as
+/// [`watch_service`] (both go through one `Publisher`).
 ///
 /// - `services.len() <= max_watches`: one [`watch_service`] task each, i.e. that many
 ///   concurrent long polls (one HTTP connection each).
@@ -155,11 +155,7 @@ impl Recorder for FeedRecorder {
 }
 
 struct Watched {
-    name: Arc<str>,
-    sync: Arc<ServiceSync>,
-    on_change: Box<dyn FnMut(Vec<Discovered>) + Send>,
-    /// Last published set and registration (see [`ServiceSync::registered`]).
-    last: Option<(Vec<Discovered>, bool)>,
+    publisher: Publisher<Box<dyn FnMut(Vec<Discovered>) + Send>>,
     /// Nodes hosting the service at its last read, to map node-level checks to it.
     nodes: BTreeSet<String>,
 }
@@ -200,10 +196,13 @@ async fn run_feed(client: ConsulClient, services: Vec<ServiceWatch>, cancel: Can
     let mut watched: Vec<Watched> = services
         .into_iter()
         .map(|w| Watched {
-            name: w.name,
-            sync: w.sync,
-            on_change: w.publish,
-            last: None,
+            publisher: Publisher::new(
+                w.name,
+                w.sync,
+                w.publish,
+                client.warning_mode(),
+                client.required_tags().to_vec(),
+            ),
             nodes: BTreeSet::new(),
         })
         .collect();
@@ -346,7 +345,7 @@ fn apply_wake(
             match prints.as_ref() {
                 Some(old) if !fresh => {
                     for (i, w) in watched.iter().enumerate() {
-                        let name: &str = &w.name;
+                        let name: &str = w.publisher.service();
                         let moved = old.services.get(name) != new.services.get(name)
                             || w.nodes.iter().any(|n| old.nodes.get(n) != new.nodes.get(n));
                         if moved {
@@ -362,7 +361,7 @@ fn apply_wake(
             match catalog.as_ref() {
                 Some(old) if !fresh => {
                     for (i, w) in watched.iter().enumerate() {
-                        let name: &str = &w.name;
+                        let name: &str = w.publisher.service();
                         let no_checks = prints
                             .as_ref()
                             .is_none_or(|p| !p.services.contains_key(name));
@@ -385,8 +384,6 @@ async fn refresh(
     watched: &mut [Watched],
     round: BTreeSet<usize>,
 ) -> BTreeSet<usize> {
-    let warning = client.warning_mode();
-    let tags = client.required_tags().to_vec();
     let mut queue = round.into_iter();
     let mut tasks: JoinSet<(usize, Result<HealthAnswer, ConsulError>)> = JoinSet::new();
     let mut failed = BTreeSet::new();
@@ -394,7 +391,7 @@ async fn refresh(
         while tasks.len() < REFRESH_CONCURRENCY {
             let Some(i) = queue.next() else { break };
             let client = client.clone();
-            let name = watched[i].name.clone();
+            let name = watched[i].publisher.service().clone();
             tasks.spawn(
                 async move { (i, client.health_service(&name, None).await) }.in_current_span(),
             );
@@ -412,38 +409,14 @@ async fn refresh(
         let w = &mut watched[i];
         match result {
             Ok(answer) => {
-                w.sync.record_success(&QueryMeta {
-                    index: answer.index,
-                    known_leader: answer.known_leader,
-                    last_contact: answer.last_contact,
-                    filtered_by_acls: answer.filtered_by_acls,
-                });
+                w.publisher.sync().record_success(&answer.meta());
                 w.nodes = answer.entries.iter().map(|e| e.node.node.clone()).collect();
-                let set = to_discovered(&answer.entries, &warning, &tags);
-                let registered = !answer.entries.is_empty();
-                w.sync.set_instances(set.len());
-                w.sync
-                    .set_excluded(excluded_instances(&answer.entries, &warning, &tags));
-                w.sync.set_registered(registered);
-                if w.last
-                    .as_ref()
-                    .is_none_or(|(l, r)| *l != set || *r != registered)
-                {
-                    tracing::info!(
-                        service = %w.name,
-                        consul.index = answer.index,
-                        instances = set.len(),
-                        "endpoint set changed"
-                    );
-                    (w.on_change)(set.clone());
-                    w.last = Some((set, registered));
-                }
-                w.sync.mark_synced();
+                w.publisher.apply(&answer);
             }
             Err(error) => {
-                w.sync.record_error(&error);
+                w.publisher.sync().record_error(&error);
                 tracing::warn!(
-                    service = %w.name,
+                    service = %w.publisher.service(),
                     error = %error_chain(&error),
                     "Consul refresh failed; keeping the last known endpoints"
                 );

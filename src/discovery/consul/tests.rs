@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::client::{classify_status, parse_meta, parse_retry_after, wait_param};
 use super::feed::fingerprints;
+use super::publish::Publisher;
 use super::*;
 use crate::discovery::{Discovered, InstanceStatus};
 
@@ -1141,6 +1142,55 @@ fn fingerprints_ignore_order_and_split_node_checks() {
     let fewer = fingerprints(&[b.clone(), serf]);
     assert_ne!(one.services["web"], fewer.services["web"]);
     assert_eq!(one.nodes["n1"], fewer.nodes["n1"]);
+}
+
+fn health_answer(index: u64, entries: Vec<HealthEntry>) -> HealthAnswer {
+    HealthAnswer {
+        index,
+        entries,
+        known_leader: true,
+        last_contact: Duration::ZERO,
+        filtered_by_acls: false,
+    }
+}
+
+#[test]
+fn publisher_publishes_first_answer_then_only_changes() {
+    let sync = Arc::new(ServiceSync::new());
+    let seen = sync.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Records what the callback could observe: registration already stored, not yet synced.
+    let publish = move |set: Vec<Discovered>| {
+        tx.send((set, seen.registered(), seen.is_synced())).unwrap();
+    };
+    let mut publisher = Publisher::new(
+        "web".into(),
+        sync.clone(),
+        publish,
+        WarningMode::Degrade,
+        Vec::new(),
+    );
+
+    // The first answer publishes even when empty, and syncs only after publishing.
+    assert!(publisher.apply(&health_answer(1, vec![])));
+    assert_eq!(rx.try_recv().unwrap(), (vec![], false, false));
+    assert!(sync.is_synced());
+    assert!(!publisher.apply(&health_answer(2, vec![])));
+
+    // "Not registered" -> "registered but all critical": same empty set, published again.
+    let down = vec![synthetic("a", "10.0.0.2", 80, (1, 1), "critical", &[])];
+    assert!(publisher.apply(&health_answer(3, down.clone())));
+    assert_eq!(rx.try_recv().unwrap(), (vec![], true, true));
+    assert_eq!(sync.excluded().len(), 1);
+    assert!(!publisher.apply(&health_answer(4, down)));
+
+    let up = vec![synthetic("a", "10.0.0.2", 80, (1, 1), "passing", &[])];
+    assert!(publisher.apply(&health_answer(5, up.clone())));
+    assert_eq!(rx.try_recv().unwrap().0.len(), 1);
+    assert_eq!(sync.snapshot().instances, 1);
+    assert!(sync.excluded().is_empty());
+    assert!(!publisher.apply(&health_answer(6, up)));
+    assert!(rx.try_recv().is_err());
 }
 
 mod loopback;

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::client::{Answer, QueryMeta};
-use super::decode::{excluded_instances, has_all_tags, to_discovered, ExcludedInstance};
+use super::decode::{has_all_tags, ExcludedInstance};
+use super::publish::Publisher;
 use super::{error_chain, ConsulClient, ConsulError};
 use crate::discovery::Discovered;
 
@@ -533,53 +534,36 @@ fn log_error(label: &str, error: &ConsulError, errors_in_row: u64, retry_in: Dur
 /// `cancel`, and calls `on_change` with the normalised endpoint set (see
 /// [`super::to_discovered`]) whenever it, or [`ServiceSync::registered`], really changed.
 ///
-/// - The first successful answer is always published, even when empty; after that a new
-///   index whose set and registration equal the last published ones publishes nothing.
-/// - A successful answer with zero instances publishes `vec![]` (if different), also when
-///   the service went from "all instances unhealthy" to "not registered" or back.
-/// - A failed query never publishes: the last good set stays in the pool. Failures show in
-///   `sync` and in logs; the loop retries with backoff, without index.
-/// - `sync` is marked synced after the first `on_change` returns.
+/// When `on_change` runs is decided in one place for this watch and [`super::watch_many`]
+/// (`Publisher`, in `consul/publish.rs`): the first successful answer always, even when
+/// empty; an unchanged set and registration never twice; a failed query never, so the last
+/// good set stays in the pool. `sync` is marked synced after the first `on_change` returns.
+/// Failures show in `sync` and in logs; the loop retries with backoff, without index.
 pub async fn watch_service(
     client: ConsulClient,
     service: Arc<str>,
     sync: Arc<ServiceSync>,
-    mut on_change: impl FnMut(Vec<Discovered>) + Send,
+    on_change: impl FnMut(Vec<Discovered>) + Send,
     cancel: CancellationToken,
 ) {
     let span = tracing::info_span!("consul_watch", service = %service);
     let label = format!("health/service/{service}");
-    let warning = client.warning_mode();
-    let tags = client.required_tags().to_vec();
-    let mut last: Option<(Vec<Discovered>, bool)> = None;
+    let mut publisher = Publisher::new(
+        service.clone(),
+        sync.clone(),
+        on_change,
+        client.warning_mode(),
+        client.required_tags().to_vec(),
+    );
     let fetch = |index| {
         let client = client.clone();
         let service = service.clone();
         async move { client.health_service(&service, index).await }
     };
     let on_answer = |answer: super::HealthAnswer, _fresh: bool| {
-        let set = to_discovered(&answer.entries, &warning, &tags);
-        // No `?passing` is sent, so an empty answer means Consul lists no instance at all.
-        let registered = !answer.entries.is_empty();
-        sync.set_instances(set.len());
-        sync.set_excluded(excluded_instances(&answer.entries, &warning, &tags));
-        sync.set_registered(registered);
-        if last
-            .as_ref()
-            .is_none_or(|(l, r)| *l != set || *r != registered)
-        {
-            tracing::info!(
-                service = %service,
-                consul.index = answer.index,
-                instances = set.len(),
-                "endpoint set changed"
-            );
-            on_change(set.clone());
-            last = Some((set, registered));
-        } else {
+        if !publisher.apply(&answer) {
             tracing::debug!(service = %service, consul.index = answer.index, "index moved, endpoint set unchanged");
         }
-        sync.mark_synced();
     };
     blocking_loop(&label, &*sync, &cancel, fetch, on_answer)
         .instrument(span)
