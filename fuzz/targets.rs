@@ -5,7 +5,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 use meshgate::config::{Config, Env};
 use meshgate::discovery::consul::{
-    excluded_instances, parse_tag_routes_with_warnings, to_discovered, ServiceEntry, WarningMode,
+    excluded_instances, parse_tag_routes_with_warnings, to_discovered, HealthEntry, WarningMode,
 };
 use meshgate::rules::path::{
     normalise_path, remove_dot_segments, rewrite_path, EscapedSlashes, Rewrite,
@@ -26,7 +26,7 @@ pub fn config(data: &[u8]) {
 /// Consul answer decoding: a health answer's JSON, normalised in every warning mode, and the
 /// tag routes of every instance.
 pub fn consul(data: &[u8]) {
-    let Ok(entries) = serde_json::from_slice::<Vec<ServiceEntry>>(data) else {
+    let Ok(entries) = serde_json::from_slice::<Vec<HealthEntry>>(data) else {
         return;
     };
     let required = ["web".to_owned()];

@@ -516,12 +516,12 @@ impl Registry {
             .map(|name| {
                 let sync = inner.syncs[name].clone();
                 let (me, service, own) = (self.me.clone(), name.clone(), sync.clone());
-                let publish: Box<dyn FnMut(Vec<Discovered>) + Send> = Box::new(move |eps| {
+                let publish = move |eps: Vec<Discovered>| {
                     if let Some(registry) = me.upgrade() {
                         registry.publish_consul(&service, &own, eps);
                     }
-                });
-                (name.clone(), sync, publish)
+                };
+                consul::ServiceWatch::new(name.clone(), sync, publish)
             })
             .collect();
         let max = settings.map_or(64, |s| s.max_watches);

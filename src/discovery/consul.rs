@@ -5,6 +5,7 @@
 mod client;
 mod decode;
 mod feed;
+mod publish;
 mod settings;
 mod tags;
 mod watch;
@@ -17,8 +18,8 @@ use std::time::Duration;
 
 pub use client::{CatalogAnswer, ConsulClient, HealthAnswer, StateAnswer};
 pub use decode::{
-    aggregate_status, excluded_instances, has_all_tags, to_discovered, Check, ExcludedInstance,
-    Node, Service, ServiceEntry, Weights, MAX_WEIGHT,
+    aggregate_status, excluded_instances, has_all_tags, to_discovered, CheckEntry,
+    ExcludedInstance, HealthEntry, Node, Service, Weights, MAX_WEIGHT,
 };
 pub use feed::{watch_many, ServiceWatch};
 pub use settings::{
@@ -174,16 +175,4 @@ impl ConsulError {
             | Self::BodyTooLarge { .. } => false,
         }
     }
-}
-
-/// `error` and its whole `source()` chain as one line, for logs and `/status`.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

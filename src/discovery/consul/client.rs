@@ -12,7 +12,7 @@ use http::StatusCode;
 use reqwest::Url;
 use rustls::RootCertStore;
 
-use super::decode::{decode_catalog, Check, ServiceEntry};
+use super::decode::{decode_catalog, CheckEntry, HealthEntry};
 use super::{ConsulError, ConsulSettings, TokenSource, WarningMode};
 
 /// Largest success body we accept. A health answer is ~1.5 KiB per instance, so this is
@@ -86,7 +86,7 @@ answer_type!(
     /// Answer of `GET /v1/health/service/:name` (all instances, any status).
     HealthAnswer {
         /// Instances with their node and checks, in Consul's order.
-        entries: Vec<ServiceEntry>
+        entries: Vec<HealthEntry>
     }
 );
 
@@ -102,7 +102,7 @@ answer_type!(
     /// Answer of `GET /v1/health/state/any`: every check in the datacenter.
     StateAnswer {
         /// All checks, node-level ones with an empty `service_name`.
-        checks: Vec<Check>
+        checks: Vec<CheckEntry>
     }
 );
 

@@ -16,12 +16,14 @@ use crate::discovery::{Discovered, InstanceStatus};
 /// - a ratio of 10 000:1 is finer than any traffic split needs.
 pub const MAX_WEIGHT: u32 = 10_000;
 
-/// One element of `GET /v1/health/service/:name` (Consul's `CheckServiceNode`).
+/// One element of a `GET /v1/health/service/:name` answer (Consul's `CheckServiceNode`):
+/// an instance with its node and checks. Not the registry's `ServiceEntry` (a live service
+/// in the gateway).
 ///
 /// Every field tolerates being missing or `null`; unknown fields are ignored, because newer
 /// Consul versions keep adding some.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct ServiceEntry {
+pub struct HealthEntry {
     /// The node the instance runs on.
     #[serde(rename = "Node", default, deserialize_with = "nullable")]
     pub node: Node,
@@ -30,7 +32,7 @@ pub struct ServiceEntry {
     pub service: Service,
     /// All checks of the instance: node-level (`ServiceID == ""`) and its own.
     #[serde(rename = "Checks", default, deserialize_with = "nullable")]
-    pub checks: Vec<Check>,
+    pub checks: Vec<CheckEntry>,
 }
 
 /// The node part of a health entry.
@@ -115,9 +117,10 @@ impl From<RawWeights> for Weights {
     }
 }
 
-/// One health check, as found in `Checks` of a health entry and in `/v1/health/state/any`.
+/// One check of a health answer: an element of [`HealthEntry::checks`] and of the
+/// `/v1/health/state/any` list (Consul's `HealthCheck`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
-pub struct Check {
+pub struct CheckEntry {
     /// Node the check belongs to.
     #[serde(rename = "Node", default, deserialize_with = "nullable")]
     pub node: String,
@@ -173,7 +176,7 @@ pub(super) fn decode_catalog(bytes: &[u8]) -> serde_json::Result<BTreeMap<String
 /// An entry without checks is `Passing` (Consul treats "no checks" as healthy). A status
 /// string Consul does not define counts as `Warning`: still routable, visibly degraded, so
 /// a future status value cannot silently empty a pool nor get full traffic.
-pub fn aggregate_status(checks: &[Check]) -> InstanceStatus {
+pub fn aggregate_status(checks: &[CheckEntry]) -> InstanceStatus {
     let mut status = InstanceStatus::Passing;
     for check in checks {
         let this = if check.check_id == NODE_MAINTENANCE
@@ -215,7 +218,7 @@ pub fn has_all_tags(tags: &[String], required: &[String]) -> bool {
 /// The result is sorted and deduplicated, so two answers describing the same endpoints
 /// compare equal whatever order Consul used.
 pub fn to_discovered(
-    entries: &[ServiceEntry],
+    entries: &[HealthEntry],
     warning: &WarningMode,
     required_tags: &[String],
 ) -> Vec<Discovered> {
@@ -243,7 +246,7 @@ pub struct ExcludedInstance {
 
 /// The instances of an answer that [`to_discovered`] leaves out, with the reason for each.
 pub fn excluded_instances(
-    entries: &[ServiceEntry],
+    entries: &[HealthEntry],
     warning: &WarningMode,
     required_tags: &[String],
 ) -> Vec<ExcludedInstance> {
@@ -284,7 +287,7 @@ pub fn excluded_instances(
 }
 
 fn discover_one(
-    entry: &ServiceEntry,
+    entry: &HealthEntry,
     warning: WarningMode,
     required_tags: &[String],
 ) -> Option<Discovered> {

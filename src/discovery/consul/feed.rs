@@ -13,22 +13,41 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::client::QueryMeta;
-use super::decode::{excluded_instances, to_discovered, Check};
+use super::client::{Answer, QueryMeta};
+use super::decode::CheckEntry;
+use super::publish::Publisher;
 use super::watch::{
     blocking_loop, watch_service, Backoff, Recorder, ServiceSync, TokenBucket, QUERY_BURST,
     QUERY_REFILL,
 };
-use super::{error_chain, ConsulClient, ConsulError, HealthAnswer};
+use super::{ConsulClient, ConsulError, HealthAnswer};
+use crate::error::Chain;
 use crate::discovery::Discovered;
 
-/// One service to watch: its name, its status (read by /status), and where its endpoint
-/// sets go.
-pub type ServiceWatch = (
-    Arc<str>,
-    Arc<ServiceSync>,
-    Box<dyn FnMut(Vec<Discovered>) + Send>,
-);
+/// One service for [`watch_many`]: its name, its status, and where its endpoint sets go.
+pub struct ServiceWatch {
+    /// The Consul service name.
+    name: Arc<str>,
+    /// Written by the watch, read by /status and /ready.
+    sync: Arc<ServiceSync>,
+    /// Receives each changed endpoint set (when: see [`watch_service`]).
+    publish: Box<dyn FnMut(Vec<Discovered>) + Send>,
+}
+
+impl ServiceWatch {
+    /// Watches `name`, records its status on `sync` and hands changed sets to `publish`.
+    pub fn new(
+        name: Arc<str>,
+        sync: Arc<ServiceSync>,
+        publish: impl FnMut(Vec<Discovered>) + Send + 'static,
+    ) -> Self {
+        Self {
+            name,
+            sync,
+            publish: Box::new(publish),
+        }
+    }
+}
 
 /// Concurrent non-blocking health reads during a refresh round.
 const REFRESH_CONCURRENCY: usize = 8;
@@ -36,9 +55,8 @@ const REFRESH_CONCURRENCY: usize = 8;
 /// trade-off on [`watch_many`]).
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
 
-/// Watches every service in `services` until `cancel`, with the same publishing guarantees
-/// as [`watch_service`] (first success always published, failures never, an unchanged set
-/// and registration never twice).
+/// Watches every service in `services` until `cancel`, publishing by the same rules as
+/// [`watch_service`] (both go through one `Publisher`).
 ///
 /// - `services.len() <= max_watches`: one [`watch_service`] task each, i.e. that many
 ///   concurrent long polls (one HTTP connection each).
@@ -69,12 +87,17 @@ pub async fn watch_many(
     }
     if services.len() <= max_watches {
         let mut tasks = JoinSet::new();
-        for (name, sync, on_change) in services {
+        for ServiceWatch {
+            name,
+            sync,
+            publish,
+        } in services
+        {
             tasks.spawn(watch_service(
                 client.clone(),
                 name,
                 sync,
-                on_change,
+                publish,
                 cancel.clone(),
             ));
         }
@@ -100,7 +123,7 @@ pub async fn watch_many(
 /// What the two feed loops tell the coordinator.
 enum Wake {
     State {
-        checks: Vec<Check>,
+        checks: Vec<CheckEntry>,
         fresh: bool,
     },
     Catalog {
@@ -133,11 +156,7 @@ impl Recorder for FeedRecorder {
 }
 
 struct Watched {
-    name: Arc<str>,
-    sync: Arc<ServiceSync>,
-    on_change: Box<dyn FnMut(Vec<Discovered>) + Send>,
-    /// Last published set and registration (see [`ServiceSync::registered`]).
-    last: Option<(Vec<Discovered>, bool)>,
+    publisher: Publisher<Box<dyn FnMut(Vec<Discovered>) + Send>>,
     /// Nodes hosting the service at its last read, to map node-level checks to it.
     nodes: BTreeSet<String>,
 }
@@ -150,7 +169,7 @@ pub(super) struct Fingerprints {
     pub(super) nodes: HashMap<String, u64>,
 }
 
-pub(super) fn fingerprints(checks: &[Check]) -> Fingerprints {
+pub(super) fn fingerprints(checks: &[CheckEntry]) -> Fingerprints {
     let mut fp = Fingerprints::default();
     for check in checks {
         let mut h = DefaultHasher::new();
@@ -174,14 +193,17 @@ pub(super) fn fingerprints(checks: &[Check]) -> Fingerprints {
 }
 
 async fn run_feed(client: ConsulClient, services: Vec<ServiceWatch>, cancel: CancellationToken) {
-    let syncs: Vec<Arc<ServiceSync>> = services.iter().map(|(_, s, _)| s.clone()).collect();
+    let syncs: Vec<Arc<ServiceSync>> = services.iter().map(|w| w.sync.clone()).collect();
     let mut watched: Vec<Watched> = services
         .into_iter()
-        .map(|(name, sync, on_change)| Watched {
-            name,
-            sync,
-            on_change,
-            last: None,
+        .map(|w| Watched {
+            publisher: Publisher::new(
+                w.name,
+                w.sync,
+                w.publish,
+                client.warning_mode(),
+                client.required_tags().to_vec(),
+            ),
             nodes: BTreeSet::new(),
         })
         .collect();
@@ -324,7 +346,7 @@ fn apply_wake(
             match prints.as_ref() {
                 Some(old) if !fresh => {
                     for (i, w) in watched.iter().enumerate() {
-                        let name: &str = &w.name;
+                        let name: &str = w.publisher.service();
                         let moved = old.services.get(name) != new.services.get(name)
                             || w.nodes.iter().any(|n| old.nodes.get(n) != new.nodes.get(n));
                         if moved {
@@ -340,7 +362,7 @@ fn apply_wake(
             match catalog.as_ref() {
                 Some(old) if !fresh => {
                     for (i, w) in watched.iter().enumerate() {
-                        let name: &str = &w.name;
+                        let name: &str = w.publisher.service();
                         let no_checks = prints
                             .as_ref()
                             .is_none_or(|p| !p.services.contains_key(name));
@@ -363,8 +385,6 @@ async fn refresh(
     watched: &mut [Watched],
     round: BTreeSet<usize>,
 ) -> BTreeSet<usize> {
-    let warning = client.warning_mode();
-    let tags = client.required_tags().to_vec();
     let mut queue = round.into_iter();
     let mut tasks: JoinSet<(usize, Result<HealthAnswer, ConsulError>)> = JoinSet::new();
     let mut failed = BTreeSet::new();
@@ -372,7 +392,7 @@ async fn refresh(
         while tasks.len() < REFRESH_CONCURRENCY {
             let Some(i) = queue.next() else { break };
             let client = client.clone();
-            let name = watched[i].name.clone();
+            let name = watched[i].publisher.service().clone();
             tasks.spawn(
                 async move { (i, client.health_service(&name, None).await) }.in_current_span(),
             );
@@ -390,39 +410,15 @@ async fn refresh(
         let w = &mut watched[i];
         match result {
             Ok(answer) => {
-                w.sync.record_success(&QueryMeta {
-                    index: answer.index,
-                    known_leader: answer.known_leader,
-                    last_contact: answer.last_contact,
-                    filtered_by_acls: answer.filtered_by_acls,
-                });
+                w.publisher.sync().record_success(&answer.meta());
                 w.nodes = answer.entries.iter().map(|e| e.node.node.clone()).collect();
-                let set = to_discovered(&answer.entries, &warning, &tags);
-                let registered = !answer.entries.is_empty();
-                w.sync.set_instances(set.len());
-                w.sync
-                    .set_excluded(excluded_instances(&answer.entries, &warning, &tags));
-                w.sync.set_registered(registered);
-                if w.last
-                    .as_ref()
-                    .is_none_or(|(l, r)| *l != set || *r != registered)
-                {
-                    tracing::info!(
-                        service = %w.name,
-                        consul.index = answer.index,
-                        instances = set.len(),
-                        "endpoint set changed"
-                    );
-                    (w.on_change)(set.clone());
-                    w.last = Some((set, registered));
-                }
-                w.sync.mark_synced();
+                w.publisher.apply(&answer);
             }
             Err(error) => {
-                w.sync.record_error(&error);
+                w.publisher.sync().record_error(&error);
                 tracing::warn!(
-                    service = %w.name,
-                    error = %error_chain(&error),
+                    service = %w.publisher.service(),
+                    error = %Chain(&error),
                     "Consul refresh failed; keeping the last known endpoints"
                 );
                 failed.insert(i);

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::client::{classify_status, parse_meta, parse_retry_after, wait_param};
 use super::feed::fingerprints;
+use super::publish::Publisher;
 use super::*;
 use crate::discovery::{Discovered, InstanceStatus};
 
@@ -21,7 +22,7 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
-fn entries(name: &str) -> Vec<ServiceEntry> {
+fn entries(name: &str) -> Vec<HealthEntry> {
     serde_json::from_slice(&fixture(name)).unwrap_or_else(|e| panic!("decoding {name}: {e}"))
 }
 
@@ -247,7 +248,7 @@ fn entry_json(node: &str, svc: &str, checks: &str) -> String {
     format!(r#"{{"Node":{node},"Service":{svc},"Checks":{checks}}}"#)
 }
 
-fn decode_one(json: &str) -> ServiceEntry {
+fn decode_one(json: &str) -> HealthEntry {
     serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
 }
 
@@ -317,8 +318,8 @@ fn decode_tolerates_nulls_missing_fields_and_unknown_fields() {
     assert!(to_discovered(&[bare], &WarningMode::Degrade, &[]).is_empty());
 }
 
-fn check(id: &str, status: &str, service_id: &str) -> Check {
-    Check {
+fn check(id: &str, status: &str, service_id: &str) -> CheckEntry {
+    CheckEntry {
         node: "n1".into(),
         check_id: id.into(),
         status: status.into(),
@@ -335,7 +336,7 @@ fn check(id: &str, status: &str, service_id: &str) -> Check {
 #[test]
 fn aggregate_status_precedence() {
     use InstanceStatus::*;
-    let cases: &[(&[Check], InstanceStatus)] = &[
+    let cases: &[(&[CheckEntry], InstanceStatus)] = &[
         (&[], Passing),
         (
             &[
@@ -389,8 +390,8 @@ fn synthetic(
     weights: (u32, u32),
     status: &str,
     tags: &[&str],
-) -> ServiceEntry {
-    ServiceEntry {
+) -> HealthEntry {
+    HealthEntry {
         node: Node {
             node: "n1".into(),
             address: "10.0.0.1".into(),
@@ -1141,6 +1142,55 @@ fn fingerprints_ignore_order_and_split_node_checks() {
     let fewer = fingerprints(&[b.clone(), serf]);
     assert_ne!(one.services["web"], fewer.services["web"]);
     assert_eq!(one.nodes["n1"], fewer.nodes["n1"]);
+}
+
+fn health_answer(index: u64, entries: Vec<HealthEntry>) -> HealthAnswer {
+    HealthAnswer {
+        index,
+        entries,
+        known_leader: true,
+        last_contact: Duration::ZERO,
+        filtered_by_acls: false,
+    }
+}
+
+#[test]
+fn publisher_publishes_first_answer_then_only_changes() {
+    let sync = Arc::new(ServiceSync::new());
+    let seen = sync.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Records what the callback could observe: registration already stored, not yet synced.
+    let publish = move |set: Vec<Discovered>| {
+        tx.send((set, seen.registered(), seen.is_synced())).unwrap();
+    };
+    let mut publisher = Publisher::new(
+        "web".into(),
+        sync.clone(),
+        publish,
+        WarningMode::Degrade,
+        Vec::new(),
+    );
+
+    // The first answer publishes even when empty, and syncs only after publishing.
+    assert!(publisher.apply(&health_answer(1, vec![])));
+    assert_eq!(rx.try_recv().unwrap(), (vec![], false, false));
+    assert!(sync.is_synced());
+    assert!(!publisher.apply(&health_answer(2, vec![])));
+
+    // "Not registered" -> "registered but all critical": same empty set, published again.
+    let down = vec![synthetic("a", "10.0.0.2", 80, (1, 1), "critical", &[])];
+    assert!(publisher.apply(&health_answer(3, down.clone())));
+    assert_eq!(rx.try_recv().unwrap(), (vec![], true, true));
+    assert_eq!(sync.excluded().len(), 1);
+    assert!(!publisher.apply(&health_answer(4, down)));
+
+    let up = vec![synthetic("a", "10.0.0.2", 80, (1, 1), "passing", &[])];
+    assert!(publisher.apply(&health_answer(5, up.clone())));
+    assert_eq!(rx.try_recv().unwrap().0.len(), 1);
+    assert_eq!(sync.snapshot().instances, 1);
+    assert!(sync.excluded().is_empty());
+    assert!(!publisher.apply(&health_answer(6, up)));
+    assert!(rx.try_recv().is_err());
 }
 
 mod loopback;

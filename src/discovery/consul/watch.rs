@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::client::{Answer, QueryMeta};
-use super::decode::{excluded_instances, has_all_tags, to_discovered, ExcludedInstance};
-use super::{error_chain, ConsulClient, ConsulError};
+use super::decode::{has_all_tags, ExcludedInstance};
+use super::publish::Publisher;
+use super::{ConsulClient, ConsulError};
+use crate::error::Chain;
 use crate::discovery::Discovered;
 
 /// Re-polls allowed back to back before the rate limit bites (Consul docs: burst 2).
@@ -340,7 +342,7 @@ impl ServiceSync {
         self.errors_total.fetch_add(1, Ordering::Relaxed);
         self.consecutive_errors.fetch_add(1, Ordering::Relaxed);
         self.acl_denied.store(error.is_acl(), Ordering::Relaxed);
-        *self.lock_error() = Some(error_chain(error));
+        *self.lock_error() = Some(Chain(error).to_string());
     }
 
     /// Marks the data as confirmed current without a query of its own (change-feed mode).
@@ -497,7 +499,7 @@ pub(super) async fn blocking_loop<A, F, Fut>(
 /// so an outage does not flood the log (the backoff already spaces them out).
 fn log_error(label: &str, error: &ConsulError, errors_in_row: u64, retry_in: Duration) {
     let loud = errors_in_row == 1 || errors_in_row % 10 == 0;
-    let chain = error_chain(error);
+    let chain = Chain(error).to_string();
     if !loud {
         tracing::debug!(consul.watch = label, error = %chain, errors = errors_in_row, ?retry_in, "Consul query failed");
     } else if matches!(error, ConsulError::AclNotFound) {
@@ -533,53 +535,36 @@ fn log_error(label: &str, error: &ConsulError, errors_in_row: u64, retry_in: Dur
 /// `cancel`, and calls `on_change` with the normalised endpoint set (see
 /// [`super::to_discovered`]) whenever it, or [`ServiceSync::registered`], really changed.
 ///
-/// - The first successful answer is always published, even when empty; after that a new
-///   index whose set and registration equal the last published ones publishes nothing.
-/// - A successful answer with zero instances publishes `vec![]` (if different), also when
-///   the service went from "all instances unhealthy" to "not registered" or back.
-/// - A failed query never publishes: the last good set stays in the pool. Failures show in
-///   `sync` and in logs; the loop retries with backoff, without index.
-/// - `sync` is marked synced after the first `on_change` returns.
+/// When `on_change` runs is decided in one place for this watch and [`super::watch_many`]
+/// (`Publisher`, in `consul/publish.rs`): the first successful answer always, even when
+/// empty; an unchanged set and registration never twice; a failed query never, so the last
+/// good set stays in the pool. `sync` is marked synced after the first `on_change` returns.
+/// Failures show in `sync` and in logs; the loop retries with backoff, without index.
 pub async fn watch_service(
     client: ConsulClient,
     service: Arc<str>,
     sync: Arc<ServiceSync>,
-    mut on_change: impl FnMut(Vec<Discovered>) + Send,
+    on_change: impl FnMut(Vec<Discovered>) + Send,
     cancel: CancellationToken,
 ) {
     let span = tracing::info_span!("consul_watch", service = %service);
     let label = format!("health/service/{service}");
-    let warning = client.warning_mode();
-    let tags = client.required_tags().to_vec();
-    let mut last: Option<(Vec<Discovered>, bool)> = None;
+    let mut publisher = Publisher::new(
+        service.clone(),
+        sync.clone(),
+        on_change,
+        client.warning_mode(),
+        client.required_tags().to_vec(),
+    );
     let fetch = |index| {
         let client = client.clone();
         let service = service.clone();
         async move { client.health_service(&service, index).await }
     };
     let on_answer = |answer: super::HealthAnswer, _fresh: bool| {
-        let set = to_discovered(&answer.entries, &warning, &tags);
-        // No `?passing` is sent, so an empty answer means Consul lists no instance at all.
-        let registered = !answer.entries.is_empty();
-        sync.set_instances(set.len());
-        sync.set_excluded(excluded_instances(&answer.entries, &warning, &tags));
-        sync.set_registered(registered);
-        if last
-            .as_ref()
-            .is_none_or(|(l, r)| *l != set || *r != registered)
-        {
-            tracing::info!(
-                service = %service,
-                consul.index = answer.index,
-                instances = set.len(),
-                "endpoint set changed"
-            );
-            on_change(set.clone());
-            last = Some((set, registered));
-        } else {
+        if !publisher.apply(&answer) {
             tracing::debug!(service = %service, consul.index = answer.index, "index moved, endpoint set unchanged");
         }
-        sync.mark_synced();
     };
     blocking_loop(&label, &*sync, &cancel, fetch, on_answer)
         .instrument(span)

@@ -417,13 +417,9 @@ async fn watch_many_change_feed_refreshes_only_what_moved() {
     for name in ["web", "api"] {
         let sync = Arc::new(ServiceSync::new());
         let (tx, rx) = mpsc::unbounded_channel();
-        services.push((
-            name.into(),
-            sync.clone(),
-            Box::new(move |set| {
-                let _ = tx.send(set);
-            }),
-        ));
+        services.push(ServiceWatch::new(name.into(), sync.clone(), move |set| {
+            let _ = tx.send(set);
+        }));
         syncs.push(sync);
         receivers.push(rx);
     }
@@ -499,12 +495,12 @@ async fn watch_many_within_max_watches_blocks_per_service() {
     let mut services: Vec<ServiceWatch> = Vec::new();
     for name in ["web", "missing"] {
         let tx = tx.clone();
-        services.push((
+        services.push(ServiceWatch::new(
             name.into(),
             Arc::new(ServiceSync::new()),
-            Box::new(move |set: Vec<Discovered>| {
+            move |set: Vec<Discovered>| {
                 let _ = tx.send((name, set));
-            }),
+            },
         ));
     }
     let task = tokio::spawn(watch_many(client, services, 2, cancel.clone()));
