@@ -21,8 +21,8 @@ use super::watch::{
     QUERY_REFILL,
 };
 use super::{ConsulClient, ConsulError, HealthAnswer};
-use crate::error::Chain;
 use crate::discovery::Discovered;
+use crate::error::Chain;
 
 /// One service for [`watch_many`]: its name, its status, and where its endpoint sets go.
 pub struct ServiceWatch {

@@ -18,8 +18,8 @@ use super::client::{Answer, QueryMeta};
 use super::decode::{has_all_tags, ExcludedInstance};
 use super::publish::Publisher;
 use super::{ConsulClient, ConsulError};
-use crate::error::Chain;
 use crate::discovery::Discovered;
+use crate::error::Chain;
 
 /// Re-polls allowed back to back before the rate limit bites (Consul docs: burst 2).
 pub(super) const QUERY_BURST: u32 = 2;
