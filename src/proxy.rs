@@ -111,17 +111,14 @@ async fn handle_inner(
             resp
         }
         _ => {
-            let mut resp = route_request(
-                state,
-                req,
+            let down = Downstream {
                 client,
                 proto,
                 local,
-                &request_id,
-                &span,
-                log.as_mut(),
-            )
-            .await;
+                request_id: &request_id,
+                span: &span,
+            };
+            let mut resp = route_request(state, req, &down, log.as_mut()).await;
             if let Some(cors) = &*cors {
                 cors.decorate(origin.as_ref(), resp.headers_mut());
             }
@@ -137,16 +134,28 @@ async fn handle_inner(
     }
 }
 
+/// What the listener and the edge steps know about a request before it is routed.
+struct Downstream<'a> {
+    client: SocketAddr,
+    proto: &'static str,
+    local: &'a dyn LocalAnswer,
+    request_id: &'a HeaderValue,
+    span: &'a tracing::Span,
+}
+
 async fn route_request(
     state: &ProxyState,
     mut req: Request<ClientBody>,
-    client: SocketAddr,
-    proto: &'static str,
-    local: &dyn LocalAnswer,
-    request_id: &HeaderValue,
-    span: &tracing::Span,
+    down: &Downstream<'_>,
     mut log: Option<&mut RequestLog>,
 ) -> Response<ResponseBody> {
+    let Downstream {
+        client,
+        proto,
+        local,
+        request_id,
+        span,
+    } = *down;
     // Before anything else reads the head: the one host, and framing nobody can read two ways.
     let host = match head::validate(req.version(), req.uri(), req.headers()) {
         Ok(host) => host,

@@ -2,6 +2,7 @@
 //! Binds `0.0.0.0:PORT` (reachable from other containers); set `MOCK_BIND=127.0.0.1` to stay local.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;

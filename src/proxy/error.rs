@@ -219,11 +219,6 @@ impl ProxyError {
         }
     }
 
-    /// Safe to retry on another endpoint whatever the method: the upstream never saw the request.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Connect { .. })
-    }
-
     /// A short human message for the JSON error body.
     pub fn message(&self) -> String {
         match self {
@@ -303,7 +298,6 @@ mod tests {
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
-            assert!(!e.is_retryable());
         }
     }
 }

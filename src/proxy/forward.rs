@@ -80,6 +80,9 @@ enum Attempt {
 }
 
 /// What the loop does after an attempt.
+// Returned by value once per attempt and taken apart at once; boxing the response would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Decision {
     /// Send again, to another endpoint, after this pause.
     Retry(Duration),

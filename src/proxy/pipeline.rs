@@ -64,6 +64,8 @@ pub enum Step<'a> {
 }
 
 /// The outcome of a stage that waited, and of the whole request phase.
+// Returned by value and taken apart at once; boxing the response would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Flow {
     /// Go on: the next stage, or forwarding after the last.
     Next,
