@@ -1,17 +1,31 @@
 //! meshgate: a Consul-centric HTTP edge gateway.
 //!
+//! # Layers
+//! Modules import only from their own layer or below, and no two files import each other
+//! (`tests/architecture.rs` checks both):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | leaf | [`clock`], [`error`], [`tls`], [`limits`], [`metrics`], [`discovery`] (vocabulary), [`body`], [`conn`], [`rules`], [`mock`] |
+//! | domain | [`balancer`], [`health`], [`discovery::consul`], [`telemetry`] |
+//! | data plane | [`proxy`]: route and table, stage pipeline, forwarding, pool, response body, upgrades |
+//! | serving | [`server`] (decides which admin paths the main listener answers) |
+//! | configuration | [`config`]: figment, raw, validated, from the lower layers' settings types |
+//! | control plane | [`control`]: shared control state, registry, reload, static discovery, `/metrics` |
+//! | admin | [`admin`] |
+//! | root | this crate root ([`Gateway`]), [`builder`], [`demo`], `main` |
+//!
 //! # Request flow
-//! A connection is accepted by [`server`], which hands each request to [`proxy::handle`]:
-//! the path is dot-normalised, [`routes::RouteTable`] picks the longest matching prefix, the
-//! route's [`balancer::Picker`] leases an endpoint from its service's [`balancer::ServicePool`]
-//! (one atomic snapshot load), and [`proxy::forward`] sends the rewritten request over the
-//! pooled upstream client, streaming bodies both ways. Errors become responses once, in `proxy`.
+//! [`server`] accepts a connection and hands each request to [`proxy::handle`]: head rules, path
+//! normalisation and CORS, then [`proxy::RouteTable`] picks the longest matching prefix and the
+//! route's [`proxy::pipeline::Pipeline`] runs its stages; [`proxy::forward`] leases an endpoint
+//! from the service's [`balancer::ServicePool`] (one atomic snapshot load) and streams the
+//! request and the answer. Errors become responses once, in [`proxy`].
 //!
 //! # Who writes what
-//! [`discovery`] is the only writer of pools (`ServicePool::replace`); the request path only
-//! reads snapshots and bumps per-endpoint atomics, which survive discovery updates.
-//! [`admin`] reads everything for `/health` and `/status`. [`config`] turns the file and the
-//! environment into a validated [`config::Config`] before anything starts.
+//! The control plane's registry is the only writer of pools (`ServicePool::replace`, fed by
+//! Consul and the static map) and of the route table; the request path only reads snapshots and
+//! bumps atomics, which survive discovery updates.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -1,7 +1,6 @@
-//! TLS with rustls (ring provider): the server side (certificates chosen by SNI, HTTP/2 and
-//! HTTP/1.1 through ALPN) and the client side to upstreams (CA file, client certificate,
-//! server name override). Certificates are read when the config is applied, so a reload picks
-//! up renewed files.
+//! TLS with rustls (ring): the server side (certificates by SNI, h2 and HTTP/1.1 by ALPN) and the
+//! client side to upstreams (CA file, client certificate, server name). Certificates are read when
+//! the config is applied, so a reload picks up renewed files.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
