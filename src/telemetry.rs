@@ -12,17 +12,17 @@
 
 mod access;
 mod export;
+mod propagation;
 pub mod settings;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, HOST};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{SpanKind, TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -39,10 +39,12 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-pub use access::{AccessFormat, AccessLog};
-pub use export::ExportStats;
+pub use access::{AccessFormat, AccessLog, RequestLog};
+pub use export::{ExportStats, TracingError};
+pub use propagation::TRACEPARENT;
 
 use crate::balancer::Endpoint;
+use propagation::{HeaderExtractor, HeaderInjector, TRACESTATE};
 use settings::{AccessLogFormat, LogConfig};
 use settings::{RootSampler, TracingConfig};
 
@@ -52,17 +54,6 @@ pub const TRACE_TARGET: &str = "meshgate::trace";
 
 /// How long [`Tracing::shutdown`] waits for the last batches at most.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
-
-/// Why the trace pipeline could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum TracingError {
-    /// The OTLP exporter refused its settings.
-    #[error("building the OTLP exporter")]
-    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
-    /// The export thread or its runtime could not start.
-    #[error("starting the trace export thread")]
-    Thread(#[source] std::io::Error),
-}
 
 /// A running trace pipeline: tracer provider, bounded span queue and export thread.
 ///
@@ -415,11 +406,6 @@ pub fn inject(span: &Span, headers: &mut HeaderMap) {
     }
 }
 
-static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
-
-/// The W3C `traceparent` header.
-pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-
 /// Records how an upstream attempt ended on its client span: the status (5xx is an error),
 /// or the failure (`timeout` when the per-try deadline passed).
 pub fn record_attempt<B, E: std::fmt::Display>(
@@ -448,139 +434,7 @@ pub fn record_attempt<B, E: std::fmt::Display>(
     }
 }
 
-struct HeaderExtractor<'a>(&'a HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-struct HeaderInjector<'a>(&'a mut HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        // An empty tracestate means "none": send no header rather than an empty one.
-        if value.is_empty() {
-            return;
-        }
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
 // === access log bookkeeping ===
-
-/// What the proxy learns about a request while handling it, for its access log line; the
-/// line itself at the end. Only allocated when the access log is on.
-#[derive(Debug)]
-pub struct RequestLog {
-    time: SystemTime,
-    started: tokio::time::Instant,
-    client: SocketAddr,
-    method: Method,
-    path: String,
-    version: http::Version,
-    declared_in: Option<u64>,
-    request_id: HeaderValue,
-    trace_id: Option<String>,
-    /// The matched route's name.
-    pub route: Option<Arc<str>>,
-    /// The route's service.
-    pub service: Option<Arc<str>>,
-    /// The last attempt's endpoint.
-    pub upstream: Option<Authority>,
-    /// Upstream attempts made.
-    pub attempts: u32,
-    /// The last attempt's time until response headers.
-    pub upstream_duration: Option<Duration>,
-    /// Request body bytes known up front (read whole for replay).
-    pub bytes_in: Option<u64>,
-    /// Request body bytes counted as they stream upstream.
-    pub body_counter: Option<Arc<AtomicU64>>,
-    // Filled in when the response ends.
-    status: u16,
-    ttfb: Duration,
-    duration: Duration,
-    bytes_out: u64,
-    complete: bool,
-}
-
-impl RequestLog {
-    /// Starts the record for `req`, received at `started`.
-    pub fn start<B>(
-        req: &Request<B>,
-        client: SocketAddr,
-        started: tokio::time::Instant,
-        request_id: &HeaderValue,
-    ) -> Self {
-        let headers = req.headers();
-        Self {
-            time: SystemTime::now(),
-            started,
-            client,
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            version: req.version(),
-            declared_in: headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
-            request_id: request_id.clone(),
-            trace_id: headers
-                .get(&TRACEPARENT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(traceparent_trace_id),
-            route: None,
-            service: None,
-            upstream: None,
-            attempts: 0,
-            upstream_duration: None,
-            bytes_in: None,
-            body_counter: None,
-            status: 0,
-            ttfb: Duration::ZERO,
-            duration: Duration::ZERO,
-            bytes_out: 0,
-            complete: false,
-        }
-    }
-
-    /// A counter the request body adds to as it streams.
-    pub fn body_counter(&mut self) -> Arc<AtomicU64> {
-        self.body_counter
-            .get_or_insert_with(Default::default)
-            .clone()
-    }
-
-    /// Request body bytes: counted, else known, else declared.
-    fn total_in(&self) -> u64 {
-        let counted = self
-            .body_counter
-            .as_ref()
-            .map(|c| c.load(Ordering::Relaxed));
-        match (self.bytes_in, counted) {
-            (Some(known), Some(more)) => known + more,
-            (Some(n), None) | (None, Some(n)) => n,
-            (None, None) => self.declared_in.unwrap_or(0),
-        }
-    }
-}
-
-/// The trace id of a well-formed `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
-fn traceparent_trace_id(v: &str) -> Option<String> {
-    let id = v.get(3..35)?;
-    (v.len() >= 55 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0'))
-        .then(|| id.to_ascii_lowercase())
-}
 
 /// Rides in the response body until it ends: counts the bytes sent, then closes the server
 /// span and hands the access log line to its writer.
@@ -642,24 +496,5 @@ impl BodyTap {
         log.bytes_out = self.sent;
         log.complete = complete;
         sink.send(log);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn traceparent_parsing() {
-        assert_eq!(
-            traceparent_trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")
-                .as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        assert_eq!(traceparent_trace_id("00-short"), None);
-        assert_eq!(
-            traceparent_trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-            None
-        );
     }
 }

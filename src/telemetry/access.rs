@@ -1,20 +1,22 @@
 //! The access log: one line per request, written by a thread of its own so that requests only
-//! hand over their record (a bounded queue; when it is full the line is dropped and counted).
-//! That thread collects the queue every 50 ms rather than being woken per line, and formats
-//! and writes the lines in one batch.
+//! hand over their `RequestLog` (a bounded queue; when it is full the line is dropped and
+//! counted). That thread collects the queue every 50 ms rather than being woken per line, and
+//! formats and writes the lines in one batch.
 
 use std::fmt::Write as _;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use http::header::HeaderValue;
 use http::uri::Authority;
-use http::Version;
+use http::{Method, Request, Version};
 use serde::Serialize;
 
-use super::RequestLog;
+use super::propagation::{traceparent_trace_id, TRACEPARENT};
 
 /// Lines that may wait for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
@@ -179,6 +181,104 @@ fn proto(v: Version) -> &'static str {
         Version::HTTP_2 => "HTTP/2.0",
         Version::HTTP_3 => "HTTP/3.0",
         _ => "HTTP/?",
+    }
+}
+
+// === RequestLog ===
+
+/// What the proxy learns about a request while handling it, for its access log line; the
+/// line itself at the end. Only allocated when the access log is on.
+#[derive(Debug)]
+pub struct RequestLog {
+    time: SystemTime,
+    pub(super) started: tokio::time::Instant,
+    client: SocketAddr,
+    method: Method,
+    path: String,
+    version: http::Version,
+    declared_in: Option<u64>,
+    request_id: HeaderValue,
+    pub(super) trace_id: Option<String>,
+    /// The matched route's name.
+    pub route: Option<Arc<str>>,
+    /// The route's service.
+    pub service: Option<Arc<str>>,
+    /// The last attempt's endpoint.
+    pub upstream: Option<Authority>,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// The last attempt's time until response headers.
+    pub upstream_duration: Option<Duration>,
+    /// Request body bytes known up front (read whole for replay).
+    pub bytes_in: Option<u64>,
+    /// Request body bytes counted as they stream upstream.
+    pub body_counter: Option<Arc<AtomicU64>>,
+    // Filled in when the response ends.
+    pub(super) status: u16,
+    pub(super) ttfb: Duration,
+    pub(super) duration: Duration,
+    pub(super) bytes_out: u64,
+    pub(super) complete: bool,
+}
+
+impl RequestLog {
+    /// Starts the record for `req`, received at `started`.
+    pub fn start<B>(
+        req: &Request<B>,
+        client: SocketAddr,
+        started: tokio::time::Instant,
+        request_id: &HeaderValue,
+    ) -> Self {
+        let headers = req.headers();
+        Self {
+            time: SystemTime::now(),
+            started,
+            client,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            version: req.version(),
+            declared_in: headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            request_id: request_id.clone(),
+            trace_id: headers
+                .get(&TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(traceparent_trace_id),
+            route: None,
+            service: None,
+            upstream: None,
+            attempts: 0,
+            upstream_duration: None,
+            bytes_in: None,
+            body_counter: None,
+            status: 0,
+            ttfb: Duration::ZERO,
+            duration: Duration::ZERO,
+            bytes_out: 0,
+            complete: false,
+        }
+    }
+
+    /// A counter the request body adds to as it streams.
+    pub fn body_counter(&mut self) -> Arc<AtomicU64> {
+        self.body_counter
+            .get_or_insert_with(Default::default)
+            .clone()
+    }
+
+    /// Request body bytes: counted, else known, else declared.
+    fn total_in(&self) -> u64 {
+        let counted = self
+            .body_counter
+            .as_ref()
+            .map(|c| c.load(Ordering::Relaxed));
+        match (self.bytes_in, counted) {
+            (Some(known), Some(more)) => known + more,
+            (Some(n), None) | (None, Some(n)) => n,
+            (None, None) => self.declared_in.unwrap_or(0),
+        }
     }
 }
 

@@ -17,7 +17,17 @@ use opentelemetry_sdk::Resource;
 use tokio::sync::{oneshot, Notify};
 
 use super::settings::{BatchConfig, OtlpProtocol, TracingConfig};
-use super::TracingError;
+
+/// Why the trace pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TracingError {
+    /// The OTLP exporter refused its settings.
+    #[error("building the OTLP exporter")]
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+    /// The export thread or its runtime could not start.
+    #[error("starting the trace export thread")]
+    Thread(#[source] std::io::Error),
+}
 
 /// What happened to finished spans; read by `/metrics`.
 #[derive(Debug, Default)]

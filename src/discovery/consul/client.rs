@@ -13,7 +13,8 @@ use reqwest::Url;
 use rustls::RootCertStore;
 
 use super::decode::{decode_catalog, CheckEntry, HealthEntry};
-use super::{ConsulError, ConsulSettings, TokenSource, WarningMode};
+use super::error::ConsulError;
+use super::settings::{ConsulSettings, TokenSource, WarningMode};
 
 /// Largest success body we accept. A health answer is ~1.5 KiB per instance, so this is
 /// tens of thousands of instances; anything bigger is a misbehaving proxy.

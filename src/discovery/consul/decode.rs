@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer};
 
-use super::WarningMode;
+use super::settings::WarningMode;
 use crate::discovery::{Discovered, InstanceStatus};
 
 /// Largest weight handed to a pool. Consul accepts up to 65535. We clamp because:

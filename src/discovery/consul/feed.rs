@@ -13,14 +13,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::client::{Answer, QueryMeta};
+use super::client::{Answer, CatalogAnswer, ConsulClient, HealthAnswer, QueryMeta, StateAnswer};
 use super::decode::CheckEntry;
+use super::error::ConsulError;
 use super::publish::Publisher;
+use super::sync::ServiceSync;
 use super::watch::{
-    blocking_loop, watch_service, Backoff, Recorder, ServiceSync, TokenBucket, QUERY_BURST,
-    QUERY_REFILL,
+    blocking_loop, watch_service, Backoff, Recorder, TokenBucket, QUERY_BURST, QUERY_REFILL,
 };
-use super::{ConsulClient, ConsulError, HealthAnswer};
 use crate::discovery::Discovered;
 use crate::error::Chain;
 
@@ -230,7 +230,7 @@ async fn run_feed(client: ConsulClient, services: Vec<ServiceWatch>, cancel: Can
                     &recorder,
                     &cancel,
                     fetch,
-                    |answer: super::StateAnswer, fresh| {
+                    |answer: StateAnswer, fresh| {
                         // Send fails only once the coordinator is gone, i.e. on shutdown.
                         let _ = tx.send(Wake::State {
                             checks: answer.checks,
@@ -260,7 +260,7 @@ async fn run_feed(client: ConsulClient, services: Vec<ServiceWatch>, cancel: Can
                     &recorder,
                     &cancel,
                     fetch,
-                    |answer: super::CatalogAnswer, fresh| {
+                    |answer: CatalogAnswer, fresh| {
                         let _ = tx.send(Wake::Catalog {
                             services: answer.services,
                             fresh,

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
+use super::client::HealthAnswer;
 use super::decode::{excluded_instances, to_discovered};
-use super::watch::ServiceSync;
-use super::{HealthAnswer, WarningMode};
+use super::settings::WarningMode;
+use super::sync::ServiceSync;
 use crate::discovery::Discovered;
 
 /// Turns the successful health answers of one service into calls of `publish`.
