@@ -2,6 +2,7 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
+mod env;
 #[cfg(test)]
 mod limits_tests;
 pub mod otel;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use figment::providers::{Format, Json, Serialized, Toml, Yaml};
+use figment::providers::{Format, Json, Toml, Yaml};
 use figment::Figment;
 use http::uri::Scheme;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -34,64 +35,13 @@ use crate::rules::path::{EscapedSlashes, Rewrite};
 use crate::rules::retry::{RetryOn, RetryPolicy};
 pub use crate::server::settings::{ServerConfig, TlsListener};
 pub use crate::telemetry::settings::{AccessLogFormat, LogConfig};
+pub use env::Env;
 pub use problems::Problem;
 use problems::Problems;
 use raw::*;
 
 /// The embedded default: the seed's topology, also shipped as `config/gateway.toml`.
 pub const DEMO_TOML: &str = include_str!("../config/gateway.toml");
-
-/// The environment as a set of variables, so tests never touch the process environment.
-#[derive(Debug, Clone, Default)]
-pub struct Env {
-    vars: BTreeMap<String, String>,
-}
-
-impl Env {
-    /// A snapshot of the process environment (non-UTF-8 variables are skipped).
-    pub fn from_process() -> Self {
-        Self::from_pairs(
-            std::env::vars_os()
-                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
-        )
-    }
-
-    /// An environment made of the given variables only.
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Self {
-            vars: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        }
-    }
-
-    /// One variable, when set and not empty.
-    pub fn get(&self, name: &str) -> Option<String> {
-        self.vars.get(name).filter(|v| !v.is_empty()).cloned()
-    }
-
-    /// `MESHGATE_A__B=v` as the figment layer `a.b = v` (values parsed as TOML-like scalars).
-    fn provider(&self) -> Figment {
-        let mut fig = Figment::new();
-        for (key, value) in &self.vars {
-            let Some(rest) = key.strip_prefix("MESHGATE_") else {
-                continue;
-            };
-            if rest.is_empty() {
-                continue;
-            }
-            let path = rest.to_ascii_lowercase().replace("__", ".");
-            let value: figment::value::Value = value
-                .parse()
-                .unwrap_or_else(|e: std::convert::Infallible| match e {});
-            fig = fig.merge(Serialized::defaults(figment::util::nest(&path, value)));
-        }
-        fig
-    }
-}
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
