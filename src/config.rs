@@ -1040,6 +1040,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         }
         if let Some(backend) = backend {
             routes.push(RouteConfig {
+                connect: false,
                 name,
                 path,
                 backend,

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::balancer::ServicePool;
 use crate::config::Config;
 use crate::discovery::consul::ServiceSync;
+use crate::mesh::MeshIdentity;
 use crate::proxy::ProxyState;
 
 /// What the control plane reads and writes. The request path's part is `proxy`; everything else
@@ -33,6 +34,8 @@ pub struct ControlState {
     pub config: ArcSwapOption<Config>,
     /// Readiness and uptime.
     pub readiness: Readiness,
+    /// The gateway's Connect identity, while any route goes through the mesh.
+    pub mesh: ArcSwapOption<MeshIdentity>,
     /// What `/metrics` encodes (set once at build, by [`prometheus::install`]).
     pub prometheus: OnceLock<prometheus_client::registry::Registry>,
 }
@@ -47,6 +50,7 @@ impl ControlState {
             notes: ArcSwap::default(),
             config: ArcSwapOption::empty(),
             readiness: Readiness::default(),
+            mesh: ArcSwapOption::empty(),
             prometheus: OnceLock::new(),
         })
     }

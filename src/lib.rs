@@ -45,6 +45,7 @@ pub mod discovery;
 pub mod error;
 pub mod health;
 pub mod limits;
+pub mod mesh;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;

@@ -342,6 +342,40 @@ impl Collector for GatewayCollector {
             )?;
         }
 
+        let denials: Vec<_> = table
+            .routes()
+            .iter()
+            .filter_map(|r| {
+                let m = r.mesh.as_ref()?;
+                Some((vec![("route", r.name.to_string())], m.denials()))
+            })
+            .collect();
+        if !denials.is_empty() {
+            counter(
+                &mut enc,
+                "meshgate_mesh_denials",
+                "Requests a mesh destination refused by intention (L7 403 or L4 close), by route",
+                &denials,
+            )?;
+        }
+        if let Some(mesh) = state.mesh.load_full() {
+            let id = vec![("identity", mesh.service.clone())];
+            if let Some(leaf) = mesh.leaf() {
+                gauge(
+                    &mut enc,
+                    "meshgate_mesh_leaf_expiry_seconds",
+                    "Seconds until the gateway's Connect leaf certificate expires",
+                    &[(id.clone(), leaf.seconds_left(std::time::SystemTime::now()))],
+                )?;
+            }
+            counter(
+                &mut enc,
+                "meshgate_mesh_rotations",
+                "Leaf renewals and CA root changes installed since start",
+                &[(id, mesh.rotations())],
+            )?;
+        }
+
         if let Some(p) = process_figures() {
             let mut m = enc.encode_descriptor(
                 "process_cpu_seconds",

@@ -13,10 +13,14 @@ use tokio_util::task::TaskTracker;
 use super::{ControlState, LiveService, Source};
 use crate::balancer::{Policy, ServicePool};
 use crate::config::{Backend, Config, RouteConfig, ServiceSettings, StaticService};
-use crate::discovery::consul::{self, ConsulClient, ConsulError, ServiceSync, TagRoute};
+use crate::discovery::consul::{
+    self, ConsulClient, ConsulError, IdentitySyncs, ServiceSync, TagRoute,
+};
 use crate::discovery::Discovered;
 use crate::health::{HealthCallback, HealthCheck};
+use crate::mesh::MeshIdentity;
 use crate::proxy::client::{client_for, Transport};
+use crate::proxy::mesh::MeshUpstream;
 use crate::proxy::route::{ErrorHandler, Route, RouteTable};
 use crate::rules::limit::Limiter;
 use crate::rules::path::Rewrite;
@@ -27,6 +31,13 @@ struct Probe {
     /// TLS for `https` endpoints: the `upstream_tls` of a route on the service.
     tls: UpstreamTls,
     cancel: CancellationToken,
+}
+
+/// The mesh identity and the readiness of its watch.
+struct Mesh {
+    identity: Arc<MeshIdentity>,
+    syncs: Arc<IdentitySyncs>,
+    started: bool,
 }
 
 struct Inner {
@@ -41,7 +52,9 @@ struct Inner {
     routes: BTreeMap<Arc<str>, (RouteConfig, Arc<Route>)>,
     probes: BTreeMap<Arc<str>, Probe>,
     limiters: BTreeMap<Arc<str>, Arc<Limiter>>,
-    watching: Option<(Vec<Arc<str>>, CancellationToken)>,
+    watching: Option<(Vec<(Arc<str>, bool)>, CancellationToken)>,
+    /// The gateway's Connect identity and its watch, once a route needs the mesh.
+    mesh: Option<Mesh>,
     catalog_watch: Option<Arc<ServiceSync>>,
 }
 
@@ -97,6 +110,7 @@ impl Registry {
                 limiters: BTreeMap::new(),
                 watching: None,
                 catalog_watch: None,
+                mesh: None,
             }),
             me: me.clone(),
         });
@@ -128,6 +142,12 @@ impl Registry {
             .syncs
             .values()
             .chain(&inner.catalog_watch)
+            .chain(
+                inner
+                    .mesh
+                    .iter()
+                    .flat_map(|m| [&m.syncs.roots, &m.syncs.leaf]),
+            )
             .cloned()
             .collect()
     }
@@ -293,6 +313,23 @@ impl Registry {
             .filter(|r| r.upstream_tls.is_some() && matches!(r.backend, Backend::Service(_)))
             .map(|r| r.service_name().clone())
             .collect();
+        // Services reached through the mesh (Connect mTLS to their sidecars).
+        let mesh_services: BTreeSet<Arc<str>> = all
+            .iter()
+            .filter(|r| r.connect && matches!(r.backend, Backend::Service(_)))
+            .map(|r| r.service_name().clone())
+            .collect();
+        if !mesh_services.is_empty() && inner.mesh.is_none() {
+            if let Some(settings) = &cfg.discovery.consul {
+                let identity = Arc::new(MeshIdentity::new(settings.connect.service.clone()));
+                self.control.mesh.store(Some(identity.clone()));
+                inner.mesh = Some(Mesh {
+                    identity,
+                    syncs: Arc::default(),
+                    started: false,
+                });
+            }
+        }
         // What probes of a service speak TLS with: the first route on it that sets upstream_tls.
         let mut probe_tls: BTreeMap<Arc<str>, UpstreamTls> = BTreeMap::new();
         for r in &all {
@@ -337,7 +374,9 @@ impl Registry {
         for (name, (_, fixed, settings)) in &wanted {
             let scheme = match fixed {
                 Some(f) => f.scheme.clone(),
-                None if tls_services.contains(name) => Scheme::HTTPS,
+                None if tls_services.contains(name) || mesh_services.contains(name) => {
+                    Scheme::HTTPS
+                }
                 None => Scheme::HTTP,
             };
             let pool = match inner.pools.get(name) {
@@ -396,7 +435,22 @@ impl Registry {
                         .is_some_and(|f| f.h2c);
                     let mut route =
                         Route::new(r, pool, self.handlers.get(&*r.name).cloned(), limiter);
-                    self.route_clients(&mut route, r, h2c, &inner.config.upstream);
+                    match (&inner.mesh, r.connect) {
+                        (Some(mesh), true) => {
+                            route.mesh = Some(MeshUpstream::new(
+                                mesh.identity.clone(),
+                                r.service_name().clone(),
+                                inner
+                                    .config
+                                    .discovery
+                                    .consul
+                                    .as_ref()
+                                    .and_then(|c| c.datacenter.clone()),
+                                inner.config.upstream.clone(),
+                            ));
+                        }
+                        _ => self.route_clients(&mut route, r, h2c, &inner.config.upstream),
+                    }
                     route.metrics.set_enabled(inner.config.metrics_enabled);
                     Arc::new(route)
                 }
@@ -423,6 +477,11 @@ impl Registry {
         inner.syncs = syncs;
 
         if spawn {
+            self.spawn_identity(inner);
+            let consul_services: Vec<(Arc<str>, bool)> = consul_services
+                .iter()
+                .map(|n| (n.clone(), mesh_services.contains(n)))
+                .collect();
             self.spawn_watches(inner, &consul_services);
             self.spawn_probes(inner, &wanted, &probe_tls);
         }
@@ -476,7 +535,24 @@ impl Registry {
         }
     }
 
-    fn spawn_watches(&self, inner: &mut Inner, consul_services: &[Arc<str>]) {
+    /// Starts watching the CA roots and the gateway's leaf, once.
+    fn spawn_identity(&self, inner: &mut Inner) {
+        let (Some(client), Some(mesh)) = (&self.consul, &mut inner.mesh) else {
+            return;
+        };
+        if mesh.started {
+            return;
+        }
+        mesh.started = true;
+        self.tracker.spawn(consul::watch_identity(
+            client.clone(),
+            mesh.identity.clone(),
+            mesh.syncs.clone(),
+            self.background.child_token(),
+        ));
+    }
+
+    fn spawn_watches(&self, inner: &mut Inner, consul_services: &[(Arc<str>, bool)]) {
         let Some(client) = &self.consul else { return };
         let settings = inner.config.discovery.consul.clone();
         if settings.as_ref().is_some_and(|s| s.routes_from_tags) && inner.catalog_watch.is_none() {
@@ -513,7 +589,7 @@ impl Registry {
         let cancel = self.background.child_token();
         let watches: Vec<consul::ServiceWatch> = consul_services
             .iter()
-            .map(|name| {
+            .map(|(name, connect)| {
                 let sync = inner.syncs[name].clone();
                 let (me, service, own) = (self.me.clone(), name.clone(), sync.clone());
                 let publish = move |eps: Vec<Discovered>| {
@@ -521,7 +597,7 @@ impl Registry {
                         registry.publish_consul(&service, &own, eps);
                     }
                 };
-                consul::ServiceWatch::new(name.clone(), sync, publish)
+                consul::ServiceWatch::new(name.clone(), sync, publish).connect(*connect)
             })
             .collect();
         let max = settings.map_or(64, |s| s.max_watches);

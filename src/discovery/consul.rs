@@ -3,6 +3,7 @@
 //! callers receive endpoint sets through `on_change` callbacks.
 
 mod client;
+mod connect;
 mod decode;
 mod error;
 mod feed;
@@ -15,7 +16,10 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-pub use client::{CatalogAnswer, ConsulClient, HealthAnswer, StateAnswer};
+pub use client::{
+    CatalogAnswer, ConnectLeafAnswer, ConnectRootsAnswer, ConsulClient, HealthAnswer, StateAnswer,
+};
+pub use connect::{watch_identity, IdentitySyncs};
 pub use decode::{
     aggregate_status, excluded_instances, has_all_tags, to_discovered, CheckEntry,
     ExcludedInstance, HealthEntry, Node, Service, Weights, MAX_WEIGHT,
@@ -23,7 +27,8 @@ pub use decode::{
 pub use error::ConsulError;
 pub use feed::{watch_many, ServiceWatch};
 pub use settings::{
-    ConsulSettings, RawConsul, TlsSettings, TokenSource, WarningMode, DEFAULT_ADDRESS,
+    ConnectSettings, ConsulSettings, RawConnect, RawConsul, TlsSettings, TokenSource, WarningMode,
+    DEFAULT_ADDRESS,
 };
 pub use sync::{ServiceSync, SyncSnapshot};
 pub use tags::{parse_tag_routes, parse_tag_routes_with_warnings, TagRoute};

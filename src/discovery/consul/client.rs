@@ -12,9 +12,10 @@ use http::StatusCode;
 use reqwest::Url;
 use rustls::RootCertStore;
 
-use super::decode::{decode_catalog, CheckEntry, HealthEntry};
+use super::decode::{decode_catalog, CheckEntry, HealthEntry, RawLeaf, RawRoots};
 use super::error::ConsulError;
 use super::settings::{ConsulSettings, TokenSource, WarningMode};
+use crate::mesh::{LeafAnswer, RootsAnswer};
 
 /// Largest success body we accept. A health answer is ~1.5 KiB per instance, so this is
 /// tens of thousands of instances; anything bigger is a misbehaving proxy.
@@ -104,6 +105,23 @@ answer_type!(
     StateAnswer {
         /// All checks, node-level ones with an empty `service_name`.
         checks: Vec<CheckEntry>
+    }
+);
+
+answer_type!(
+    /// Answer of `GET /v1/agent/connect/ca/roots`.
+    ConnectRootsAnswer {
+        /// The roots, decoded.
+        roots: RootsAnswer
+    }
+);
+
+answer_type!(
+    /// Answer of `GET /v1/agent/connect/ca/leaf/<service>`: the leaf, or why its fields do not
+    /// parse (kept as an answer so the watch's index still moves on).
+    ConnectLeafAnswer {
+        /// The leaf, decoded.
+        leaf: Result<LeafAnswer, String>
     }
 );
 
@@ -221,6 +239,60 @@ impl ConsulClient {
         Ok(HealthAnswer::from_parts(meta, entries))
     }
 
+    /// `GET /v1/health/connect/<name>`: the service's mesh endpoints (its sidecar proxies and
+    /// Connect-native instances), in the same shape and with the same blocking as
+    /// [`Self::health_service`].
+    pub async fn health_connect(
+        &self,
+        name: &str,
+        index: Option<u64>,
+    ) -> Result<HealthAnswer, ConsulError> {
+        let url = self.url(&["health", "connect", name], index, true);
+        let (meta, body) = self.get(url).await?;
+        let entries = decode_json(&body)?;
+        Ok(HealthAnswer::from_parts(meta, entries))
+    }
+
+    /// [`Self::health_connect`] when `connect`, else [`Self::health_service`].
+    pub async fn health(
+        &self,
+        name: &str,
+        connect: bool,
+        index: Option<u64>,
+    ) -> Result<HealthAnswer, ConsulError> {
+        if connect {
+            self.health_connect(name, index).await
+        } else {
+            self.health_service(name, index).await
+        }
+    }
+
+    /// `GET /v1/agent/connect/ca/roots`, blocking on the roots' index.
+    pub async fn connect_roots(
+        &self,
+        index: Option<u64>,
+    ) -> Result<ConnectRootsAnswer, ConsulError> {
+        let url = self.agent_url(&["agent", "connect", "ca", "roots"], index);
+        let (meta, body) = self.get(url).await?;
+        let raw: RawRoots = decode_json(&body)?;
+        Ok(ConnectRootsAnswer::from_parts(meta, raw.into()))
+    }
+
+    /// `GET /v1/agent/connect/ca/leaf/<service>`, blocking until a new leaf is issued.
+    pub async fn connect_leaf(
+        &self,
+        service: &str,
+        index: Option<u64>,
+    ) -> Result<ConnectLeafAnswer, ConsulError> {
+        let url = self.agent_url(&["agent", "connect", "ca", "leaf", service], index);
+        let (meta, body) = self.get(url).await?;
+        let raw: RawLeaf = decode_json(&body)?;
+        Ok(ConnectLeafAnswer::from_parts(
+            meta,
+            LeafAnswer::try_from(raw),
+        ))
+    }
+
     /// `GET /v1/catalog/services`: every service name with the union of its tags. Its index
     /// moves on registrations and instance updates, not on check status changes.
     pub async fn catalog_services(&self, index: Option<u64>) -> Result<CatalogAnswer, ConsulError> {
@@ -269,6 +341,21 @@ impl ConsulClient {
         }
         if url.query() == Some("") {
             url.set_query(None);
+        }
+        url
+    }
+
+    /// An agent endpoint's URL: `index` and `wait` only (the agent serves its own datacenter,
+    /// and `stale` and `tag` do not apply).
+    fn agent_url(&self, segments: &[&str], index: Option<u64>) -> Url {
+        let mut url = self.inner.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("v1").extend(segments);
+        }
+        if let Some(index) = index.filter(|i| *i > 0) {
+            url.query_pairs_mut()
+                .append_pair("index", &index.to_string())
+                .append_pair("wait", &wait_param(self.inner.wait));
         }
         url
     }

@@ -83,6 +83,39 @@ pub struct RawConsul {
     /// targeted refreshes instead. Consul agents allow 200 connections per client by default
     /// (`limits.http_max_conns_per_client`), so stay well below that; 1 to 10000. Default: `64`.
     pub max_watches: usize,
+    /// `[discovery.consul.connect]`: the service mesh (Connect mTLS to mesh upstreams).
+    pub connect: RawConnect,
+}
+
+/// `[discovery.consul.connect]` as written in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConnect {
+    /// Reach every route that names a `service` through the mesh (a route's own `connect`
+    /// wins). Never applies to routes with fixed `targets`. Default: `false`.
+    pub enabled: bool,
+    /// The gateway's own mesh identity: its leaf certificate is requested for this name, and
+    /// intentions name it as the source. The ACL token needs `service:write` on it.
+    /// Default: `"meshgate"`.
+    pub service: String,
+}
+
+impl Default for RawConnect {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            service: "meshgate".to_owned(),
+        }
+    }
+}
+
+/// Validated `[discovery.consul.connect]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectSettings {
+    /// Mesh by default for routes naming a service.
+    pub enabled: bool,
+    /// The gateway's identity name.
+    pub service: String,
 }
 
 impl Default for RawConsul {
@@ -105,6 +138,7 @@ impl Default for RawConsul {
             routes_from_tags: false,
             startup_timeout: Duration::from_secs(10),
             max_watches: 64,
+            connect: RawConnect::default(),
         }
     }
 }
@@ -127,6 +161,7 @@ impl fmt::Debug for RawConsul {
             .field("routes_from_tags", &self.routes_from_tags)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_watches", &self.max_watches)
+            .field("connect", &self.connect)
             .finish()
     }
 }
@@ -212,6 +247,8 @@ pub struct ConsulSettings {
     pub startup_timeout: Duration,
     /// Services beyond this count are served by the change feed (at least 1).
     pub max_watches: usize,
+    /// The service mesh.
+    pub connect: ConnectSettings,
 }
 
 impl ConsulSettings {
@@ -351,6 +388,22 @@ impl RawConsul {
             err("max_watches", m);
         }
 
+        // === connect ===
+        let connect_service = self.connect.service.trim();
+        if connect_service.is_empty()
+            || !connect_service
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            err(
+                "connect.service",
+                format!(
+                    "{:?} is not a Consul service name (letters, digits, '-', '_', '.')",
+                    self.connect.service
+                ),
+            );
+        }
+
         // === TLS ===
         let from_env = |key: &str| env(key).map(PathBuf::from);
         let ca_file = self.ca_file.clone().or_else(|| from_env("CONSUL_CACERT"));
@@ -446,6 +499,10 @@ impl RawConsul {
                 routes_from_tags: self.routes_from_tags,
                 startup_timeout: self.startup_timeout,
                 max_watches: self.max_watches,
+                connect: ConnectSettings {
+                    enabled: self.connect.enabled,
+                    service: connect_service.to_owned(),
+                },
             }),
             _ => Err(errors),
         }
