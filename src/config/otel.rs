@@ -5,8 +5,8 @@
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use super::env::Env;
 use super::raw::RawTracing;
-use super::Env;
 use crate::limits;
 pub use crate::telemetry::settings::{
     BatchConfig, ExportHeaders, OtlpProtocol, RootSampler, SamplerConfig, TracingConfig,

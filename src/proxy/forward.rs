@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH, HOST};
+use http::header::{HeaderName, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -151,12 +151,7 @@ async fn prepare(
     body: ClientBody,
 ) -> Result<Payload, ProxyError> {
     let policy = &route.retry;
-    let declared = ex
-        .head
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = headers::declared_length(&ex.head.headers);
     let mut payload = if hyper::body::Body::is_end_stream(&body) {
         Payload::Replayable(Vec::new())
     } else if policy.attempts > 1 && declared.is_none_or(|n| n <= policy.max_body) {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{Response, Version};
 
@@ -27,13 +27,7 @@ impl Stage for BodyLimit {
     }
 
     fn on_request<'a>(&'a self, ex: &'a mut Exchange<'_>) -> Step<'a> {
-        let declared = ex
-            .head
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        match declared {
+        match headers::declared_length(&ex.head.headers) {
             Some(n) if n > self.limit => Step::Fail(ProxyError::BodyTooLarge { limit: self.limit }),
             _ => Step::Next,
         }
