@@ -1840,3 +1840,69 @@ async fn sidecar_accepts_emulator_leaves_refuses_foreign_ones_and_plays_intentio
         .expect("after rotation");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test]
+async fn sidecar_forwards_h2_and_websocket_and_can_present_a_foreign_leaf() {
+    use futures_util::{SinkExt, StreamExt};
+    use support::sidecar::{mesh_client_config, Alpn, Sidecar};
+    use tokio_tungstenite::tungstenite::Message;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let consul = ConsulEmulator::start().await;
+    let upstream = support::upstream::TestUpstream::builder()
+        .name("web-app")
+        .start()
+        .await;
+    let (chain, key) = consul.issue_leaf("meshgate");
+    let web_uri = consul.service_uri("web");
+    let offer: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let config = mesh_client_config(&chain, &key, &consul.roots_pem(), Some(&web_uri), offer);
+    let connect = |addr| {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("web").unwrap();
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+        }
+    };
+
+    // h2 downstream, HTTP/1.1 to the app.
+    let h2 = Sidecar::start(&consul, "web", Alpn::H2, upstream.addr()).await;
+    let tls = connect(h2.addr()).await.expect("h2 handshake");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 connection");
+    tokio::spawn(conn);
+    let req = http::Request::get("https://web/hello")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = timeout(LIMIT, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("h2 answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.last_request().unwrap().path(), "/hello");
+    assert_eq!(h2.forwarded(), 1);
+
+    // WebSocket through an http sidecar.
+    let echo = support::ws::WsEcho::start().await;
+    let http = Sidecar::start(&consul, "web", Alpn::Http11, echo.addr).await;
+    let tls = connect(http.addr()).await.expect("handshake");
+    let (mut ws, _) = timeout(LIMIT, tokio_tungstenite::client_async("ws://web/echo", tls))
+        .await
+        .expect("in time")
+        .expect("upgrade through the sidecar");
+    ws.send(Message::text("hello")).await.unwrap();
+    let back = timeout(LIMIT, ws.next()).await.expect("echo in time");
+    assert_eq!(back.unwrap().unwrap(), Message::text("hello"));
+
+    // A sidecar presenting a foreign CA's leaf for the right name is refused by a mesh client.
+    let (fchain, fkey) = consul.foreign_ca().issue_leaf("web");
+    http.present(&consul, &fchain, &fkey);
+    let err = connect(http.addr()).await.expect_err("foreign server leaf");
+    assert!(err.to_string().contains("mesh chain"), "{err}");
+}

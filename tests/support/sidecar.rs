@@ -120,6 +120,13 @@ impl Sidecar {
         *self.state.service.lock().expect("sidecar lock") = service.to_owned();
     }
 
+    /// Presents `chain_pem`/`key_pem` from now on (e.g. a `foreign_ca()` leaf), still
+    /// trusting only `consul`'s roots for callers.
+    pub fn present(&self, consul: &ConsulEmulator, chain_pem: &str, key_pem: &str) {
+        let config = tls_config(consul, chain_pem, key_pem, self.state.alpn);
+        *self.state.tls.lock().expect("sidecar lock") = config;
+    }
+
     /// Refuses callers presenting `spiffe_uri` (compared ASCII case-insensitively).
     pub fn deny(&self, spiffe_uri: &str, how: Deny) {
         self.state
@@ -193,16 +200,23 @@ fn root_store(roots_pem: &str) -> RootCertStore {
 }
 
 fn server_config(consul: &ConsulEmulator, service: &str, alpn: Alpn) -> Arc<ServerConfig> {
+    let (chain, key) = consul.issue_leaf(service);
+    tls_config(consul, &chain, &key, alpn)
+}
+
+fn tls_config(
+    consul: &ConsulEmulator,
+    chain_pem: &str,
+    key_pem: &str,
+    alpn: Alpn,
+) -> Arc<ServerConfig> {
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(root_store(&consul.roots_pem())),
         provider(),
     )
     .build()
     .expect("client verifier");
-    let (chain, key) = {
-        let (c, k) = consul.issue_leaf(service);
-        identity(&c, &k)
-    };
+    let (chain, key) = identity(chain_pem, key_pem);
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
@@ -269,7 +283,7 @@ async fn serve(tcp: TcpStream, state: Arc<State>) {
         async move { Ok::<_, hyper::Error>(handle(&state, caller.as_deref(), deny, req).await) }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), svc)
+        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
         .await;
 }
 
@@ -285,16 +299,18 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
-/// One request: the L7 intention, then HTTP/1.1 to the upstream (h2 downstream included).
+/// One request: the L7 intention, then HTTP/1.1 to the upstream (h2 downstream included);
+/// an HTTP/1.1 upgrade (WebSocket) is spliced through once the upstream answers 101.
 async fn handle(
     state: &State,
     caller: Option<&str>,
     deny: Option<Deny>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     if deny == Some(Deny::L7) {
         return text(StatusCode::FORBIDDEN, "RBAC: access denied");
     }
+    let down_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     if let Some(authority) = parts.uri.authority().cloned() {
         if !parts.headers.contains_key(HOST) {
@@ -322,12 +338,23 @@ async fn handle(
     else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
     };
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
     state.forwarded.fetch_add(1, Ordering::SeqCst);
-    match sender.send_request(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp.map(BodyExt::boxed),
-        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset"),
+    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(resp) => resp,
+        Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "upstream reset"),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let up_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(down), Ok(up)) = (down_upgrade.await, up_upgrade.await) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up))
+                        .await;
+            }
+        });
     }
+    resp.map(BodyExt::boxed)
 }
 
 /// A client config for tests that dial a sidecar as a mesh member: presents `chain_pem` /
