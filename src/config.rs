@@ -208,6 +208,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         Services {
             static_services: &discovery.static_services,
             static_only: discovery.provider == Provider::Static,
+            connect_default: discovery.consul.as_ref().is_some_and(|c| c.connect.enabled),
         },
     );
 

@@ -29,6 +29,8 @@ pub(super) struct Services<'a> {
     pub(super) static_services: &'a BTreeMap<Arc<str>, StaticService>,
     /// `discovery.provider = "static"`: a route's `service` must then be a static one.
     pub(super) static_only: bool,
+    /// `discovery.consul.connect.enabled`: the mesh default for routes naming a service.
+    pub(super) connect_default: bool,
 }
 
 /// Every route in file order. A route with no usable backend is still checked, then left out
@@ -87,7 +89,9 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, i: usize, r: &RawRoute) -> Op
         .map(|t| c.duration_in(&format!("{rp}.stream_timeout"), t, limits::TIMEOUT));
     let service_settings = service_settings(c, &rp, r);
     set.one_owner(c, &rp, i, backend.as_ref(), &service_settings);
+    let connect = connect(c, set, &rp, r, backend.as_ref());
     Some(RouteConfig {
+        connect,
         name,
         path,
         backend: backend?,
@@ -107,6 +111,34 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, i: usize, r: &RawRoute) -> Op
         panic_threshold: r.panic_threshold,
         service_settings,
     })
+}
+
+/// `routes[i].connect`: only for a service found through Consul; the provider's default
+/// otherwise.
+fn connect(
+    c: &mut Problems,
+    set: &RouteSet<'_>,
+    rp: &str,
+    r: &RawRoute,
+    backend: Option<&Backend>,
+) -> bool {
+    let consul_service = match backend {
+        Some(Backend::Service(s)) => {
+            !set.services.static_only && !set.services.static_services.contains_key(s)
+        }
+        _ => false,
+    };
+    match r.connect {
+        Some(true) if !consul_service => {
+            c.err(
+                format!("{rp}.connect"),
+                "the mesh is only for a `service` found through Consul (discovery.provider = \"consul\"), not for targets or static services",
+            );
+            false
+        }
+        Some(on) => on,
+        None => consul_service && set.services.connect_default,
+    }
 }
 
 /// `routes[i].path`, normalised; a missing path is reported and `/` stands in.

@@ -249,6 +249,14 @@ impl Registry {
     }
 
     fn set_tag_routes(&self, catalog: BTreeMap<String, Vec<String>>) {
+        // Tag routes take the provider's mesh default, as configured routes do.
+        let connect = self
+            .lock()
+            .config
+            .discovery
+            .consul
+            .as_ref()
+            .is_some_and(|c| c.connect.enabled);
         let mut routes = Vec::new();
         let mut notes = Vec::new();
         for (service, tags) in &catalog {
@@ -260,7 +268,10 @@ impl Registry {
             );
             for t in found {
                 match tag_route(&t) {
-                    Ok(r) => routes.push(r),
+                    Ok(mut r) => {
+                        r.connect = connect;
+                        routes.push(r);
+                    }
                     Err(note) => notes.push(note),
                 }
             }

@@ -520,7 +520,7 @@ async fn l7_denial(
     const RBAC: &[u8] = b"RBAC: access denied";
     let small = resp
         .headers()
-        .get(CONTENT_LENGTH)
+        .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|n| n <= 64);
