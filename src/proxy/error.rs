@@ -49,6 +49,18 @@ impl UpstreamError {
             {
                 return true;
             }
+            // Over TLS, a close without close_notify surfaces as an I/O error instead.
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                ) {
+                    return true;
+                }
+            }
             cur = e.source();
         }
         false

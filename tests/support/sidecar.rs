@@ -280,7 +280,18 @@ async fn serve(tcp: TcpStream, state: Arc<State>) {
     let svc = service_fn(move |req| {
         let state = Arc::clone(&state);
         let caller = caller.clone();
-        async move { Ok::<_, hyper::Error>(handle(&state, caller.as_deref(), deny, req).await) }
+        async move {
+            // Envoy's HTTP RBAC filter decides per request, with the intentions in force now.
+            let deny = caller.as_ref().and_then(|c| {
+                state
+                    .denies
+                    .lock()
+                    .expect("sidecar lock")
+                    .get(&c.to_ascii_lowercase())
+                    .copied()
+            });
+            Ok::<_, hyper::Error>(handle(&state, caller.as_deref(), deny, req).await)
+        }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(tls), svc)
