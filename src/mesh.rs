@@ -580,3 +580,150 @@ fn other(e: MeshError) -> rustls::Error {
 
 /// How often a leaf near its end is warned about.
 pub const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+    };
+
+    const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    /// A CA and a leaf for `service` signed by it, as Consul's answers carry them.
+    fn ca() -> (CertificateParams, KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri(&format!("spiffe://{TD}"))];
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        (params, key, pem)
+    }
+
+    fn leaf(ca: &(CertificateParams, KeyPair, String), service: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri(&format!(
+            "spiffe://{TD}/ns/default/dc/dc1/svc/{service}"
+        ))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let issuer = Issuer::from_params(&ca.0, &ca.1);
+        let pem = params.signed_by(&key, &issuer).unwrap().pem();
+        (pem, key.serialize_pem())
+    }
+
+    fn roots(pem: &str, active: bool) -> RootsAnswer {
+        RootsAnswer {
+            trust_domain: TD.into(),
+            active_root_id: "aa".into(),
+            roots: vec![CaRoot {
+                id: "aa".into(),
+                pem: pem.into(),
+                active,
+            }],
+        }
+    }
+
+    fn leaf_answer(cert: &str, key: &str, serial: &str) -> LeafAnswer {
+        let now = SystemTime::now();
+        LeafAnswer {
+            cert_pem: cert.into(),
+            key_pem: key.into(),
+            serial: serial.into(),
+            service_uri: String::new(),
+            valid_after: now - Duration::from_secs(60),
+            valid_before: now + Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn spiffe_ids_parse_only_for_services() {
+        let id = format!("spiffe://{TD}/ns/default/dc/dc1/svc/web");
+        let s = spiffe_service(&id).unwrap();
+        assert_eq!((s.datacenter, s.service), ("dc1", "web"));
+        assert!(spiffe_service(&format!("spiffe://{TD}/agent/server/dc/dc1")).is_none());
+        assert!(spiffe_service(&format!("spiffe://{TD}")).is_none());
+        assert!(spiffe_service("https://x/ns/default/dc/dc1/svc/web").is_none());
+        assert_eq!(
+            service_sni(TD, "dc1", "web"),
+            format!("web.default.dc1.internal.{TD}")
+        );
+    }
+
+    #[test]
+    fn bad_connect_answers_are_refused_and_the_last_good_state_stays() {
+        let good_ca = ca();
+        let identity = MeshIdentity::new("meshgate");
+        // Roots without an active root, or whose PEM does not parse: refused, nothing loaded.
+        assert!(matches!(
+            identity.set_roots(&roots(&good_ca.2, false)),
+            Err(MeshError::NoActiveRoot)
+        ));
+        assert!(matches!(
+            identity.set_roots(&roots("-----BEGIN CERTIFICATE-----\nnope\n", true)),
+            Err(MeshError::Pem { .. })
+        ));
+        let mut no_td = roots(&good_ca.2, true);
+        no_td.trust_domain.clear();
+        assert!(matches!(identity.set_roots(&no_td), Err(MeshError::NoTrustDomain)));
+        identity.set_roots(&roots(&good_ca.2, true)).unwrap();
+        assert!(!identity.is_loaded());
+
+        let (cert, key) = leaf(&good_ca, "meshgate");
+        let (other_cert, other_key) = leaf(&good_ca, "web");
+        // A key that belongs to another certificate, a leaf for another service, a PEM that
+        // does not parse: each refused.
+        assert!(matches!(
+            identity.set_leaf(&leaf_answer(&cert, &other_key, "01")),
+            Err(MeshError::KeyMismatch(_))
+        ));
+        assert!(matches!(
+            identity.set_leaf(&leaf_answer(&other_cert, &other_key, "02")),
+            Err(MeshError::WrongService { .. })
+        ));
+        assert!(matches!(
+            identity.set_leaf(&leaf_answer("garbage", &key, "03")),
+            Err(MeshError::Pem { .. })
+        ));
+        identity.set_leaf(&leaf_answer(&cert, &key, "04")).unwrap();
+        let first = identity.snapshot().unwrap();
+        assert_eq!(first.leaf.serial, "04");
+        assert_eq!(first.leaf.datacenter(), Some("dc1"));
+        // A bad answer later keeps the good leaf and roots in force.
+        assert!(identity.set_leaf(&leaf_answer(&other_cert, &key, "05")).is_err());
+        assert!(identity.set_roots(&roots(&good_ca.2, false)).is_err());
+        let still = identity.snapshot().unwrap();
+        assert_eq!(still.generation, first.generation);
+        assert_eq!(identity.rotations(), 0);
+        // A renewal is a new generation and a rotation.
+        let (cert2, key2) = leaf(&good_ca, "meshgate");
+        identity.set_leaf(&leaf_answer(&cert2, &key2, "06")).unwrap();
+        assert!(identity.snapshot().unwrap().generation > first.generation);
+        assert_eq!(identity.rotations(), 1);
+    }
+
+    #[test]
+    fn leaf_validity_windows() {
+        let ca = ca();
+        let (cert, key) = leaf(&ca, "meshgate");
+        let now = SystemTime::now();
+        let mut answer = leaf_answer(&cert, &key, "01");
+        answer.valid_after = now - Duration::from_secs(100);
+        answer.valid_before = now + Duration::from_secs(5);
+        let l = Leaf::from_answer(&answer, "meshgate").unwrap();
+        assert!(l.renewal_overdue(now));
+        assert!(!l.expired(now));
+        assert!(l.expired(now + Duration::from_secs(6)));
+        assert!(l.seconds_left(now + Duration::from_secs(10)) < 0.0);
+        answer.valid_before = now + Duration::from_secs(100);
+        let l = Leaf::from_answer(&answer, "meshgate").unwrap();
+        assert!(!l.renewal_overdue(now));
+    }
+}
