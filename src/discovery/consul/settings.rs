@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
+use super::registration::{RawRegister, RegisterSettings};
 use crate::limits;
 
 /// The Consul HTTP API address used when neither the file nor `CONSUL_HTTP_ADDR` sets one.
@@ -83,6 +84,10 @@ pub struct RawConsul {
     /// targeted refreshes instead. Consul agents allow 200 connections per client by default
     /// (`limits.http_max_conns_per_client`), so stay well below that; 1 to 10000. Default: `64`.
     pub max_watches: usize,
+    /// `[discovery.consul.register]`: register the gateway itself with the agent. Default:
+    /// absent (no registration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register: Option<RawRegister>,
 }
 
 impl Default for RawConsul {
@@ -105,6 +110,7 @@ impl Default for RawConsul {
             routes_from_tags: false,
             startup_timeout: Duration::from_secs(10),
             max_watches: 64,
+            register: None,
         }
     }
 }
@@ -127,6 +133,7 @@ impl fmt::Debug for RawConsul {
             .field("routes_from_tags", &self.routes_from_tags)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_watches", &self.max_watches)
+            .field("register", &self.register)
             .finish()
     }
 }
@@ -212,6 +219,8 @@ pub struct ConsulSettings {
     pub startup_timeout: Duration,
     /// Services beyond this count are served by the change feed (at least 1).
     pub max_watches: usize,
+    /// The gateway's own registration, when the `register` table is present.
+    pub register: Option<RegisterSettings>,
 }
 
 impl ConsulSettings {
@@ -429,6 +438,15 @@ impl RawConsul {
             }
         }
 
+        let register = match self.register.as_ref().map(RawRegister::resolve) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(problems)) => {
+                errors.extend(problems);
+                None
+            }
+        };
+
         match address {
             Some(address) if errors.is_empty() => Ok(ConsulSettings {
                 address,
@@ -446,6 +464,7 @@ impl RawConsul {
                 routes_from_tags: self.routes_from_tags,
                 startup_timeout: self.startup_timeout,
                 max_watches: self.max_watches,
+                register,
             }),
             _ => Err(errors),
         }
