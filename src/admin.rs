@@ -513,6 +513,7 @@ pub fn status(state: &ControlState) -> Value {
         "routes": routes,
         "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
         "notes": &**state.notes.load(),
+        "registration": state.registration.load().as_ref().map(|r| r.to_json()),
     })
 }
 

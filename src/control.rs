@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::balancer::ServicePool;
 use crate::config::Config;
-use crate::discovery::consul::ServiceSync;
+use crate::discovery::consul::{RegistrationStatus, ServiceSync};
 use crate::proxy::ProxyState;
 
 /// What the control plane reads and writes. The request path's part is `proxy`; everything else
@@ -31,6 +31,9 @@ pub struct ControlState {
     pub notes: ArcSwap<Vec<String>>,
     /// The configuration in force, for the admin `/config` view; published by the registry.
     pub config: ArcSwapOption<Config>,
+    /// The gateway's own Consul registration, when `discovery.consul.register` is set; stored
+    /// by `Gateway::run` once the listeners are up.
+    pub registration: ArcSwapOption<RegistrationStatus>,
     /// Readiness and uptime.
     pub readiness: Readiness,
     /// What `/metrics` encodes (set once at build, by [`prometheus::install`]).
@@ -46,6 +49,7 @@ impl ControlState {
             services: ArcSwap::default(),
             notes: ArcSwap::default(),
             config: ArcSwapOption::empty(),
+            registration: ArcSwapOption::empty(),
             readiness: Readiness::default(),
             prometheus: OnceLock::new(),
         })
