@@ -349,3 +349,28 @@ async fn consul_answers_are_asked_for_gzip_and_decoded() {
     assert_eq!(entries[0]["Service"]["ID"], "web-1");
     gw.stop().await;
 }
+
+#[test]
+fn register_problems_are_reported_with_their_key_paths() {
+    let toml = r#"
+        [discovery]
+        provider = "consul"
+        [discovery.consul.register]
+        port = 0
+        deregister_critical_after = "30s"
+        "#;
+    let err = meshgate::config::Config::from_toml(toml, &meshgate::config::Env::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("discovery.consul.register.port"), "{err}");
+    assert!(
+        err.contains("discovery.consul.register.deregister_critical_after"),
+        "{err}"
+    );
+
+    let unknown = "[discovery.consul.register]\nchek_interval = \"1s\"\n";
+    let err = meshgate::config::Config::from_toml(unknown, &meshgate::config::Env::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chek_interval"), "{err}");
+}
