@@ -289,8 +289,11 @@ impl Gateway {
     }
 
     /// Runs until `shutdown` resolves, then shuts down in order: fail readiness, deregister
-    /// from Consul (with `discovery.consul.register`), wait the drain delay, stop accepting, let in-flight requests finish within the grace period,
-    /// and stop background tasks.
+    /// from Consul (with `discovery.consul.register`), wait the drain delay, stop accepting,
+    /// let in-flight requests finish within the grace period, and stop background tasks.
+    ///
+    /// With `discovery.consul.register` the gateway registers itself once its listeners are
+    /// up; that table is read at build time only (a reload does not change it).
     pub async fn run(
         self,
         listeners: Listeners,
