@@ -528,6 +528,7 @@ pub fn status(state: &ControlState) -> Value {
         "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
         "notes": &**state.notes.load(),
         "mesh": state.mesh.load_full().map(|m| m.status()),
+        "registration": state.registration.load().as_ref().map(|r| r.to_json()),
     })
 }
 

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::balancer::ServicePool;
 use crate::config::Config;
-use crate::discovery::consul::ServiceSync;
+use crate::discovery::consul::{RegistrationStatus, ServiceSync};
 use crate::mesh::MeshIdentity;
 use crate::proxy::ProxyState;
 
@@ -32,6 +32,9 @@ pub struct ControlState {
     pub notes: ArcSwap<Vec<String>>,
     /// The configuration in force, for the admin `/config` view; published by the registry.
     pub config: ArcSwapOption<Config>,
+    /// The gateway's own Consul registration, when `discovery.consul.register` is set; stored
+    /// by `Gateway::run` once the listeners are up.
+    pub registration: ArcSwapOption<RegistrationStatus>,
     /// Readiness and uptime.
     pub readiness: Readiness,
     /// The gateway's Connect identity, while any route goes through the mesh.
@@ -49,6 +52,7 @@ impl ControlState {
             services: ArcSwap::default(),
             notes: ArcSwap::default(),
             config: ArcSwapOption::empty(),
+            registration: ArcSwapOption::empty(),
             readiness: Readiness::default(),
             mesh: ArcSwapOption::empty(),
             prometheus: OnceLock::new(),

@@ -584,9 +584,7 @@ pub const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(60);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
-    };
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 
     const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
 
@@ -672,7 +670,10 @@ mod tests {
         ));
         let mut no_td = roots(&good_ca.2, true);
         no_td.trust_domain.clear();
-        assert!(matches!(identity.set_roots(&no_td), Err(MeshError::NoTrustDomain)));
+        assert!(matches!(
+            identity.set_roots(&no_td),
+            Err(MeshError::NoTrustDomain)
+        ));
         identity.set_roots(&roots(&good_ca.2, true)).unwrap();
         assert!(!identity.is_loaded());
 
@@ -697,14 +698,18 @@ mod tests {
         assert_eq!(first.leaf.serial, "04");
         assert_eq!(first.leaf.datacenter(), Some("dc1"));
         // A bad answer later keeps the good leaf and roots in force.
-        assert!(identity.set_leaf(&leaf_answer(&other_cert, &key, "05")).is_err());
+        assert!(identity
+            .set_leaf(&leaf_answer(&other_cert, &key, "05"))
+            .is_err());
         assert!(identity.set_roots(&roots(&good_ca.2, false)).is_err());
         let still = identity.snapshot().unwrap();
         assert_eq!(still.generation, first.generation);
         assert_eq!(identity.rotations(), 0);
         // A renewal is a new generation and a rotation.
         let (cert2, key2) = leaf(&good_ca, "meshgate");
-        identity.set_leaf(&leaf_answer(&cert2, &key2, "06")).unwrap();
+        identity
+            .set_leaf(&leaf_answer(&cert2, &key2, "06"))
+            .unwrap();
         assert!(identity.snapshot().unwrap().generation > first.generation);
         assert_eq!(identity.rotations(), 1);
     }

@@ -1,6 +1,6 @@
 //! Consul discovery client: settings, the HTTP client for the health/catalog API, decoding
-//! into `Discovered` sets, and the blocking-query watch loops. Pools are not touched here:
-//! callers receive endpoint sets through `on_change` callbacks.
+//! into `Discovered` sets, the blocking-query watch loops and the gateway's own registration.
+//! Pools are not touched here: callers receive endpoint sets through `on_change` callbacks.
 
 mod client;
 mod connect;
@@ -8,6 +8,8 @@ mod decode;
 mod error;
 mod feed;
 mod publish;
+mod register;
+mod registration;
 mod settings;
 mod sync;
 mod tags;
@@ -26,6 +28,10 @@ pub use decode::{
 };
 pub use error::ConsulError;
 pub use feed::{watch_many, ServiceWatch};
+pub use register::{spawn_registration, RegistrationState, RegistrationStatus, RegistrationTask};
+pub use registration::{
+    CheckPayload, ConnectPayload, RawRegister, RegisterSettings, ServicePayload,
+};
 pub use settings::{
     ConnectSettings, ConsulSettings, RawConnect, RawConsul, TlsSettings, TokenSource, WarningMode,
     DEFAULT_ADDRESS,

@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{
+    HeaderName, HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -478,6 +480,25 @@ impl ConsulEmulator {
     /// IDs are a no-op that returns the current index.
     pub fn deregister(&self, service_id: &str) -> u64 {
         self.shared.write(|st| st.deregister_everywhere(service_id))
+    }
+
+    /// Forgets every service registered on the agent's own node, as an agent restarted
+    /// without its data directory does. Returns the index of the last write.
+    pub fn forget_agent_services(&self) -> u64 {
+        let node = self.shared.opts.node.clone();
+        self.shared.write(|st| {
+            let ids: Vec<String> = st
+                .services
+                .keys()
+                .filter(|(n, _)| *n == node)
+                .map(|(_, id)| id.clone())
+                .collect();
+            let idx = st.next_index();
+            for id in ids {
+                st.remove_service(&node, &id, idx);
+            }
+            idx
+        })
     }
 
     /// Sets status (`passing`, `warning` or `critical`) and output of check `service:<id>` of
@@ -2507,6 +2528,7 @@ async fn handle(
         headers: parts.headers,
         body,
     };
+    let gzip = accepts_gzip(&req.headers);
     let injected = take_failure(&mut shared.state().failures, &raw_path);
     let reply = if let Some((status, body)) = injected {
         let reply = Reply::text(status, body);
@@ -2523,7 +2545,37 @@ async fn handle(
         route(&shared, &req).await?
     };
     hold_answer(&shared, &raw_path).await;
+    let reply = if gzip { gzip_reply(reply) } else { reply };
     Ok(finish(&shared, reply))
+}
+
+/// Consul's agent wraps every handler in a gzip handler with no minimum size, so any answer
+/// with a body is compressed when the client asked for gzip.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let refused = parts.any(|p| p.replace(' ', "") == "q=0");
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+fn gzip_reply(mut reply: Reply) -> Reply {
+    if reply.body.is_empty() {
+        return reply;
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut encoder, &reply.body).expect("gzip into memory");
+    reply.body = Bytes::from(encoder.finish().expect("gzip into memory"));
+    reply
+        .headers
+        .push((CONTENT_ENCODING, HeaderValue::from_static("gzip")));
+    reply
 }
 
 /// Waits while a [`ConsulEmulator::hold_answers`] prefix matches `path`.
@@ -2638,13 +2690,14 @@ enum Route<'a> {
     StatusPeers,
     AgentRegister,
     AgentDeregister(&'a str),
+    AgentService(&'a str),
     CheckUpdate(&'static str, &'a str),
     ServiceMaintenance(&'a str),
     NodeMaintenance,
 }
 
 fn match_route(path: &str) -> Option<(Route<'_>, &'static [Method])> {
-    let prefixed: [(&str, &'static [Method]); 12] = [
+    let prefixed: [(&str, &'static [Method]); 13] = [
         ("/v1/health/service/", GET),
         ("/v1/health/connect/", GET),
         ("/v1/catalog/service/", GET),
@@ -2657,11 +2710,16 @@ fn match_route(path: &str) -> Option<(Route<'_>, &'static [Method])> {
         ("/v1/agent/check/warn/", PUT),
         ("/v1/agent/check/fail/", PUT),
         ("/v1/agent/check/update/", PUT),
+        ("/v1/agent/service/", GET),
     ];
     for (prefix, methods) in prefixed {
         let Some(rest) = path.strip_prefix(prefix) else {
             continue;
         };
+        // `/v1/agent/service/register` is an exact route, matched below.
+        if prefix == "/v1/agent/service/" && rest == "register" {
+            continue;
+        }
         let route = match prefix {
             "/v1/health/service/" => Route::HealthService(rest),
             "/v1/health/connect/" => Route::HealthConnect(rest),
@@ -2674,6 +2732,7 @@ fn match_route(path: &str) -> Option<(Route<'_>, &'static [Method])> {
             "/v1/agent/check/pass/" => Route::CheckUpdate("passing", rest),
             "/v1/agent/check/warn/" => Route::CheckUpdate("warning", rest),
             "/v1/agent/check/fail/" => Route::CheckUpdate("critical", rest),
+            "/v1/agent/service/" => Route::AgentService(rest),
             _ => Route::CheckUpdate("", rest),
         };
         return Some((route, methods));
@@ -2736,6 +2795,7 @@ async fn route(shared: &Shared, req: &Req) -> Result<Reply, Hangup> {
         ))),
         Route::AgentRegister => Ok(agent_register(shared, req)),
         Route::AgentDeregister(id) => Ok(agent_deregister(shared, req, id)),
+        Route::AgentService(id) => Ok(agent_service(shared, req, id)),
         Route::CheckUpdate(status, id) => Ok(agent_check_update(shared, req, status, id)),
         Route::ServiceMaintenance(id) => Ok(agent_service_maintenance(shared, req, id)),
         Route::NodeMaintenance => Ok(agent_node_maintenance(shared, req)),
@@ -4011,6 +4071,52 @@ fn agent_deregister(shared: &Shared, req: &Req, id: &str) -> Reply {
         st.remove_service(&node, id, idx);
     });
     Reply::empty()
+}
+
+/// `GET /v1/agent/service/<id>` (agent/service.mdx "Get Service Configuration"): the local
+/// service's definition, 404 `unknown service ID: <id>` when the agent does not know it, 403
+/// without `service:read` on its name.
+fn agent_service(shared: &Shared, req: &Req, id: &str) -> Reply {
+    let authz = match resolve_token(shared, req) {
+        Ok(a) => a,
+        Err(reply) => return reply,
+    };
+    let def = shared
+        .state()
+        .services
+        .get(&(shared.opts.node.clone(), id.to_owned()))
+        .map(|s| s.def.clone());
+    let Some(def) = def else {
+        return Reply::text(StatusCode::NOT_FOUND, format!("unknown service ID: {id}"));
+    };
+    if !authz.service(&def.name) {
+        return authz.denied("service:read", &def.name);
+    }
+    let tagged: BTreeMap<&str, Value> = def
+        .tagged
+        .iter()
+        .map(|(k, (a, p))| (k.as_str(), serde_json::json!({"Address": a, "Port": p})))
+        .collect();
+    let hash = fake_uuid(&format!("{def:?}")).replace('-', "")[..16].to_owned();
+    let body = serde_json::json!({
+        "ID": def.id,
+        "Service": def.name,
+        "Tags": def.tags,
+        "Meta": def.meta.clone().unwrap_or_default(),
+        "Port": def.port,
+        "Address": def.address,
+        "TaggedAddresses": tagged,
+        "Weights": {"Passing": def.weights.0, "Warning": def.weights.1},
+        "EnableTagOverride": def.enable_tag_override,
+        "ContentHash": hash,
+        "Datacenter": shared.opts.datacenter,
+    });
+    let mut reply = Reply::json(to_json(&body, req.has("pretty")));
+    reply.headers.push((
+        HeaderName::from_static("x-consul-contenthash"),
+        HeaderValue::from_str(&hash).expect("hex is a valid header value"),
+    ));
+    reply
 }
 
 fn agent_check_update(shared: &Shared, req: &Req, status: &'static str, check_id: &str) -> Reply {

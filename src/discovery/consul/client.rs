@@ -1,5 +1,6 @@
 //! `ConsulClient`: the reqwest client (rustls + ring) and the three reads discovery uses:
-//! `/v1/health/service/:name`, `/v1/catalog/services`, `/v1/health/state/any`.
+//! `/v1/health/service/:name`, `/v1/catalog/services`, `/v1/health/state/any`; plus the agent
+//! calls of self-registration. Every request asks for gzip, which reqwest decodes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +24,8 @@ pub(super) const MAX_BODY: usize = 64 << 20;
 /// Error bodies are one-line plain text; keep at most this much of them.
 const ERROR_BODY_LIMIT: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Agent calls (register, deregister, read one service) answer at once; no blocking.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Servers add up to `wait/16` of jitter, and hold RPCs for a few seconds during leader
 /// elections (CLIENTS.md §7.1: timeout >= `wait * 17/16 + 10s`).
 const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
@@ -309,6 +312,54 @@ impl ConsulClient {
         let (meta, body) = self.get(url).await?;
         let checks = decode_json(&body)?;
         Ok(StateAnswer::from_parts(meta, checks))
+    }
+
+    /// `PUT /v1/agent/service/register` with `payload` as JSON (re-registering the same ID
+    /// replaces the entry). 403 is an ACL problem ([`ConsulError::is_acl`]).
+    pub async fn register_service<T: serde::Serialize>(
+        &self,
+        payload: &T,
+    ) -> Result<(), ConsulError> {
+        let url = self.agent_url(&["agent", "service", "register"], None);
+        self.agent_call(self.inner.http.put(url).json(payload))
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`; an unknown ID is a 404 `Status` error.
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ConsulError> {
+        let url = self.agent_url(&["agent", "service", "deregister", id], None);
+        self.agent_call(self.inner.http.put(url)).await.map(drop)
+    }
+
+    /// `GET /v1/agent/service/<id>`: `true` when the local agent knows the service ID,
+    /// `false` on 404.
+    pub async fn agent_service(&self, id: &str) -> Result<bool, ConsulError> {
+        let url = self.agent_url(&["agent", "service", id], None);
+        match self.agent_call(self.inner.http.get(url)).await {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends an agent request; non-2xx answers become errors with their plain-text body.
+    async fn agent_call(&self, request: reqwest::RequestBuilder) -> Result<Bytes, ConsulError> {
+        let mut response = request
+            .timeout(AGENT_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| map_reqwest(e, AGENT_TIMEOUT))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = parse_retry_after(response.headers());
+            let body = read_body(&mut response, ERROR_BODY_LIMIT, AGENT_TIMEOUT)
+                .await
+                .unwrap_or_default();
+            let body = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(classify_status(status, body, retry_after));
+        }
+        read_body(&mut response, ERROR_BODY_LIMIT, AGENT_TIMEOUT).await
     }
 
     /// Builds `<base>/v1/<segments..>?dc=&tag=&stale&index=&wait=`. Segments are

@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
+use super::registration::{RawRegister, RegisterSettings};
 use crate::limits;
 
 /// The Consul HTTP API address used when neither the file nor `CONSUL_HTTP_ADDR` sets one.
@@ -85,6 +86,10 @@ pub struct RawConsul {
     pub max_watches: usize,
     /// `[discovery.consul.connect]`: the service mesh (Connect mTLS to mesh upstreams).
     pub connect: RawConnect,
+    /// `[discovery.consul.register]`: register the gateway itself with the agent. Default:
+    /// absent (no registration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register: Option<RawRegister>,
 }
 
 /// `[discovery.consul.connect]` as written in the config file.
@@ -139,6 +144,7 @@ impl Default for RawConsul {
             startup_timeout: Duration::from_secs(10),
             max_watches: 64,
             connect: RawConnect::default(),
+            register: None,
         }
     }
 }
@@ -162,6 +168,7 @@ impl fmt::Debug for RawConsul {
             .field("startup_timeout", &self.startup_timeout)
             .field("max_watches", &self.max_watches)
             .field("connect", &self.connect)
+            .field("register", &self.register)
             .finish()
     }
 }
@@ -249,6 +256,8 @@ pub struct ConsulSettings {
     pub max_watches: usize,
     /// The service mesh.
     pub connect: ConnectSettings,
+    /// The gateway's own registration, when the `register` table is present.
+    pub register: Option<RegisterSettings>,
 }
 
 impl ConsulSettings {
@@ -482,6 +491,15 @@ impl RawConsul {
             }
         }
 
+        let register = match self.register.as_ref().map(RawRegister::resolve) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(problems)) => {
+                errors.extend(problems);
+                None
+            }
+        };
+
         match address {
             Some(address) if errors.is_empty() => Ok(ConsulSettings {
                 address,
@@ -503,6 +521,7 @@ impl RawConsul {
                     enabled: self.connect.enabled,
                     service: connect_service.to_owned(),
                 },
+                register,
             }),
             _ => Err(errors),
         }
