@@ -6,6 +6,7 @@ mod client;
 mod decode;
 mod error;
 mod feed;
+mod kv;
 mod publish;
 mod settings;
 mod sync;
@@ -22,6 +23,7 @@ pub use decode::{
 };
 pub use error::ConsulError;
 pub use feed::{watch_many, ServiceWatch};
+pub use kv::{decode_kv, watch_kv, KvAnswer};
 pub use settings::{
     ConsulSettings, RawConsul, TlsSettings, TokenSource, WarningMode, DEFAULT_ADDRESS,
 };

@@ -83,6 +83,11 @@ pub struct RawConsul {
     /// targeted refreshes instead. Consul agents allow 200 connections per client by default
     /// (`limits.http_max_conns_per_client`), so stay well below that; 1 to 10000. Default: `64`.
     pub max_watches: usize,
+    /// KV prefix whose keys each hold one route (TOML or JSON, the schema of one `[[routes]]`
+    /// entry), watched with one blocking `?recurse` query. Must end with `/` (Consul's prefix
+    /// is a string prefix). Default: none, i.e. no routes from KV.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_prefix: Option<String>,
 }
 
 impl Default for RawConsul {
@@ -105,6 +110,7 @@ impl Default for RawConsul {
             routes_from_tags: false,
             startup_timeout: Duration::from_secs(10),
             max_watches: 64,
+            kv_prefix: None,
         }
     }
 }
@@ -127,6 +133,7 @@ impl fmt::Debug for RawConsul {
             .field("routes_from_tags", &self.routes_from_tags)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_watches", &self.max_watches)
+            .field("kv_prefix", &self.kv_prefix)
             .finish()
     }
 }
@@ -212,6 +219,8 @@ pub struct ConsulSettings {
     pub startup_timeout: Duration,
     /// Services beyond this count are served by the change feed (at least 1).
     pub max_watches: usize,
+    /// KV prefix of the routes kept in Consul (ends with `/`); `None` = no KV routes.
+    pub kv_prefix: Option<String>,
 }
 
 impl ConsulSettings {
@@ -429,6 +438,12 @@ impl RawConsul {
             }
         }
 
+        if let Some(prefix) = &self.kv_prefix {
+            if let Err(msg) = check_kv_prefix(prefix) {
+                err("kv_prefix", msg);
+            }
+        }
+
         match address {
             Some(address) if errors.is_empty() => Ok(ConsulSettings {
                 address,
@@ -446,10 +461,27 @@ impl RawConsul {
                 routes_from_tags: self.routes_from_tags,
                 startup_timeout: self.startup_timeout,
                 max_watches: self.max_watches,
+                kv_prefix: self.kv_prefix.clone(),
             }),
             _ => Err(errors),
         }
     }
+}
+
+/// A KV prefix is a string prefix in Consul, so `meshgate/routes` would also list
+/// `meshgate/routes2/...`: it must end with `/`, and Consul keys never start with one.
+fn check_kv_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.starts_with('/') {
+        return Err(format!(
+            "{prefix:?} must not start with \"/\"; Consul keys have no leading slash"
+        ));
+    }
+    if !prefix.ends_with('/') || prefix.len() < 2 {
+        return Err(format!(
+            "{prefix:?} must be a folder ending with \"/\", such as \"meshgate/routes/\""
+        ));
+    }
+    Ok(())
 }
 
 /// Go's `strconv.ParseBool` spellings, which the Consul CLI uses for its variables.
