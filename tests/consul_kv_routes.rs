@@ -320,3 +320,46 @@ async fn file_routes_win_clashes() {
     assert_eq!(get(&gw, "/named").await.0, 404);
     assert_eq!(kv_errors(&gw).await, Some(2.0));
 }
+
+#[tokio::test]
+async fn consul_errors_keep_the_last_good_table() {
+    let consul = start_consul().await;
+    let (file, a, b) = (
+        upstream("file").await,
+        upstream("a").await,
+        upstream("b").await,
+    );
+    consul.kv_put(
+        &key("api"),
+        format!(r#"{{"path": "/api", "targets": ["http://{}"]}}"#, a.addr()).as_bytes(),
+    );
+    let gw = gateway(&consul, &file).await;
+    assert_eq!(get(&gw, "/api").await, (200, "a".to_owned()));
+
+    // The blocked query is cut and the next three KV reads fail.
+    let before = consul.requests_to("/v1/kv/").len();
+    consul.fail_next_on("/v1/kv/", 3, 500, "rpc error: No cluster leader");
+    consul.drop_blocked();
+    let retried = eventually(LIMIT, || async {
+        assert_eq!(
+            get(&gw, "/api").await,
+            (200, "a".to_owned()),
+            "during the outage"
+        );
+        consul.requests_to("/v1/kv/").len() >= before + 4
+    })
+    .await;
+    assert!(retried, "the KV watch did not retry");
+    assert_eq!(
+        get(&gw, "/api").await,
+        (200, "a".to_owned()),
+        "after the outage"
+    );
+
+    // The watch is back: changes apply again.
+    consul.kv_put(
+        &key("api"),
+        format!(r#"{{"path": "/api", "targets": ["http://{}"]}}"#, b.addr()).as_bytes(),
+    );
+    assert!(answers(&gw, "/api", 200, Some("b")).await);
+}
