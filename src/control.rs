@@ -7,7 +7,7 @@ pub mod reload;
 pub mod static_discovery;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -30,6 +30,8 @@ pub struct ControlState {
     pub services: ArcSwap<BTreeMap<Arc<str>, Arc<LiveService>>>,
     /// Route conflicts and tag problems, shown in `/status`.
     pub notes: ArcSwap<Vec<String>>,
+    /// KV keys whose route is invalid or clashes now (`meshgate_kv_route_errors`); registry-written.
+    pub kv_route_errors: AtomicUsize,
     /// The configuration in force, for the admin `/config` view; published by the registry.
     pub config: ArcSwapOption<Config>,
     /// The gateway's own Consul registration, when `discovery.consul.register` is set; stored
@@ -51,6 +53,7 @@ impl ControlState {
             tls,
             services: ArcSwap::default(),
             notes: ArcSwap::default(),
+            kv_route_errors: AtomicUsize::new(0),
             config: ArcSwapOption::empty(),
             registration: ArcSwapOption::empty(),
             readiness: Readiness::default(),

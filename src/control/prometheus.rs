@@ -330,6 +330,15 @@ impl Collector for GatewayCollector {
             "1 once the service synced from Consul.",
             &consul_synced,
         )?;
+        gauge(
+            &mut enc,
+            "meshgate_kv_route_errors",
+            "Consul KV route keys currently invalid or clashing (see /status notes).",
+            &[(
+                Vec::new(),
+                state.kv_route_errors.load(Ordering::Relaxed) as f64,
+            )],
+        )?;
 
         // Counts every task the runtime has spawned and not yet finished (connections, splices,
         // watches, probes): a soak watches it for tasks that never end.

@@ -1,8 +1,9 @@
-//! The registry: turns the configured routes (plus routes declared by Consul tags) into live
+//! The registry: turns the configured routes (plus routes from Consul KV and tags) into live
 //! pools, routes, Consul watches and health probes, and republishes the route table whenever
-//! the configuration or the tag routes change. Writers serialise on a mutex; requests never see it.
+//! the configuration, KV or the tag routes change. Writers serialise on a mutex; requests never see it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -56,6 +57,14 @@ struct Inner {
     /// The gateway's Connect identity and its watch, once a route needs the mesh.
     mesh: Option<Mesh>,
     catalog_watch: Option<Arc<ServiceSync>>,
+    /// Documents under `discovery.consul.kv_prefix` by full key, as the KV watch last saw them.
+    kv_docs: BTreeMap<String, Vec<u8>>,
+    /// Per KV key, the last version that made it into the table: it stays while the key's
+    /// newer document is invalid or clashes.
+    kv_good: BTreeMap<String, RouteConfig>,
+    /// KV notes as last logged, so each problem is logged once per change, not per rebuild.
+    kv_logged: Vec<String>,
+    kv_watch: Option<Arc<ServiceSync>>,
 }
 
 /// Owns everything discovery-driven; see the module docs.
@@ -111,6 +120,10 @@ impl Registry {
                 watching: None,
                 catalog_watch: None,
                 mesh: None,
+                kv_docs: BTreeMap::new(),
+                kv_good: BTreeMap::new(),
+                kv_logged: Vec::new(),
+                kv_watch: None,
             }),
             me: me.clone(),
         });
@@ -135,7 +148,7 @@ impl Registry {
     }
 
     /// The Consul sync states to wait for before the gateway is ready, plus the catalog's when
-    /// routes come from tags.
+    /// routes come from tags and the KV watch's when routes come from KV.
     pub fn pending_syncs(&self) -> Vec<Arc<ServiceSync>> {
         let inner = self.lock();
         inner
@@ -148,6 +161,7 @@ impl Registry {
                     .iter()
                     .flat_map(|m| [&m.syncs.roots, &m.syncs.leaf]),
             )
+            .chain(&inner.kv_watch)
             .cloned()
             .collect()
     }
@@ -288,15 +302,35 @@ impl Registry {
         self.apply(true);
     }
 
-    /// Recomputes everything from the current config and tag routes and publishes it.
+    /// Installs the documents under the KV prefix (the whole set, so a missing key was deleted)
+    /// and rebuilds the table.
+    fn set_kv_routes(&self, docs: BTreeMap<String, Vec<u8>>) {
+        {
+            let mut inner = self.lock();
+            inner.kv_good.retain(|key, _| docs.contains_key(key));
+            inner.kv_docs = docs;
+        }
+        self.apply(true);
+    }
+
+    /// Recomputes everything from the current config, KV and tag routes and publishes it.
     fn apply(&self, spawn: bool) {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let cfg = &inner.config;
 
-        // Config routes win over tag routes on the same path or name.
+        // Config routes win over KV routes, and both over tag routes, on the same path or name.
+        let mut all: Vec<RouteConfig> = inner.config.routes.clone();
+        let kv_notes = kv_routes(inner, &mut all);
+        let kv_errors = kv_notes.len();
+        for n in kv_notes.iter().filter(|n| !inner.kv_logged.contains(n)) {
+            tracing::warn!(problem = %n, "route from Consul KV not applied as written");
+        }
+        inner.kv_logged.clone_from(&kv_notes);
+        self.control
+            .kv_route_errors
+            .store(kv_errors, Ordering::Relaxed);
+        let cfg = &inner.config;
         let mut notes: Vec<String> = inner.notes.clone();
-        let mut all: Vec<RouteConfig> = cfg.routes.clone();
         let mut from_tags: BTreeSet<Arc<str>> = BTreeSet::new();
         for t in &inner.tag_routes {
             if let Some(c) = all.iter().find(|r| r.path == t.path || r.name == t.name) {
@@ -317,6 +351,7 @@ impl Registry {
         for n in notes.iter().skip(inner.notes.len()) {
             tracing::warn!(conflict = %n, "route conflict");
         }
+        notes.extend(kv_notes);
 
         // Consul services reached over TLS when a route on them configures upstream_tls.
         let tls_services: Vec<Arc<str>> = all
@@ -582,6 +617,24 @@ impl Registry {
             ));
             inner.catalog_watch = Some(sync);
         }
+        let kv_prefix = settings.as_ref().and_then(|s| s.kv_prefix.clone());
+        if let (Some(prefix), None) = (kv_prefix, &inner.kv_watch) {
+            let cancel = self.background.child_token();
+            let me = self.me.clone();
+            let sync = Arc::new(ServiceSync::new());
+            self.tracker.spawn(consul::watch_kv(
+                client.clone(),
+                prefix.into(),
+                sync.clone(),
+                move |docs| {
+                    if let Some(r) = me.upgrade() {
+                        r.set_kv_routes(docs);
+                    }
+                },
+                cancel,
+            ));
+            inner.kv_watch = Some(sync);
+        }
         if inner
             .watching
             .as_ref()
@@ -643,6 +696,7 @@ impl Registry {
                 .config
                 .routes
                 .iter()
+                .chain(inner.kv_good.values())
                 .any(|r| r.service_name() == service);
             // Gone from Consul and only reachable through tag routes: keep the endpoints, so
             // the route and its pool leave together in the next swap instead of the route
@@ -655,7 +709,9 @@ impl Registry {
                 tracing::info!(service = %service, "Consul lists no instance of the service; its tag routes wait for it");
             }
             let was = inner.answered.insert(service.clone(), registered);
-            was != Some(registered) && inner.tag_routes.iter().any(|t| t.service_name() == service)
+            was != Some(registered)
+                && (inner.tag_routes.iter().any(|t| t.service_name() == service)
+                    || inner.kv_good.values().any(|r| r.service_name() == service))
         };
         if republish {
             self.apply(true);
@@ -718,6 +774,81 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.background.cancel();
     }
+}
+
+/// Adds the KV routes to `all` (the configured routes) in key order and returns one note per
+/// key in error. Each key stands alone: its current document if valid and clash-free, else its
+/// last good version if that fits, else nothing.
+fn kv_routes(inner: &mut Inner, all: &mut Vec<RouteConfig>) -> Vec<String> {
+    let configured = inner.config.routes.len();
+    let mut notes = Vec::new();
+    for (key, doc) in &inner.kv_docs {
+        let clash = |all: &[RouteConfig], r: &RouteConfig| {
+            all.iter()
+                .position(|o| o.path == r.path || o.name == r.name)
+                .map(|i| {
+                    let whose = if i < configured {
+                        "configured route"
+                    } else {
+                        "route from KV"
+                    };
+                    format!(
+                        "route {} ({}) clashes with {whose} {} ({}), which wins",
+                        r.name, r.path, all[i].name, all[i].path
+                    )
+                })
+        };
+        let (current, problem) = match crate::config::kv_route(key, doc, &inner.config) {
+            Ok(r) => match clash(all, &r) {
+                None => (Some(r), None),
+                Some(why) => (None, Some(why)),
+            },
+            Err(problems) => {
+                let text: Vec<String> = problems
+                    .iter()
+                    .map(|p| match p.path.as_str() {
+                        "" => p.message.clone(),
+                        path => format!("{path}: {}", p.message),
+                    })
+                    .collect();
+                (None, Some(text.join("; ")))
+            }
+        };
+        let placed = match current {
+            Some(r) => Some(r),
+            None => inner
+                .kv_good
+                .get(key)
+                .filter(|g| clash(all, g).is_none())
+                .cloned(),
+        };
+        if let Some(problem) = problem {
+            let outcome = if placed.is_some() {
+                "its last good version stays"
+            } else {
+                "left out"
+            };
+            notes.push(format!("KV key {key}: {problem}; {outcome}"));
+        }
+        match placed {
+            Some(r) => {
+                if let Backend::Service(svc) = &r.backend {
+                    let from_consul = !inner.config.discovery.static_services.contains_key(svc);
+                    if from_consul && inner.answered.get(svc) == Some(&false) {
+                        notes.push(format!(
+                            "KV key {key}: service {svc} is unknown to Consul; the route answers 503 until it is registered"
+                        ));
+                    }
+                }
+                inner.kv_good.insert(key.clone(), r.clone());
+                all.push(r);
+            }
+            None => {
+                inner.kv_good.remove(key);
+            }
+        }
+    }
+    notes
 }
 
 /// A route declared by Consul tags, with the gateway's defaults for everything else.

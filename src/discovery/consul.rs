@@ -7,6 +7,7 @@ mod connect;
 mod decode;
 mod error;
 mod feed;
+mod kv;
 mod publish;
 mod register;
 mod registration;
@@ -28,6 +29,7 @@ pub use decode::{
 };
 pub use error::ConsulError;
 pub use feed::{watch_many, ServiceWatch};
+pub use kv::{decode_kv, watch_kv, KvAnswer};
 pub use register::{spawn_registration, RegistrationState, RegistrationStatus, RegistrationTask};
 pub use registration::{
     CheckPayload, ConnectPayload, RawRegister, RegisterSettings, ServicePayload,

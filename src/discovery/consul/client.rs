@@ -412,6 +412,17 @@ impl ConsulClient {
     }
 
     async fn get(&self, url: Url) -> Result<(QueryMeta, Bytes), ConsulError> {
+        let (meta, body) = self.get_or_missing(url, false).await?;
+        Ok((meta, body.unwrap_or_default()))
+    }
+
+    /// [`Self::get`], where with `missing_ok` a 404 carrying index headers is `None` (a KV
+    /// prefix with no keys, API.md §5) rather than an error.
+    pub(super) async fn get_or_missing(
+        &self,
+        url: Url,
+        missing_ok: bool,
+    ) -> Result<(QueryMeta, Option<Bytes>), ConsulError> {
         let timeout = self.inner.request_timeout;
         let mut response = self
             .inner
@@ -422,6 +433,11 @@ impl ConsulClient {
             .await
             .map_err(|e| map_reqwest(e, timeout))?;
         let status = response.status();
+        if missing_ok && status == StatusCode::NOT_FOUND {
+            if let Ok(meta) = parse_meta(response.headers()) {
+                return Ok((meta, None));
+            }
+        }
         if !status.is_success() {
             let retry_after = parse_retry_after(response.headers());
             // The body only explains the status; failing to read it must not hide the status.
@@ -436,7 +452,7 @@ impl ConsulClient {
         if body.len() > MAX_BODY {
             return Err(ConsulError::BodyTooLarge { limit: MAX_BODY });
         }
-        Ok((meta, body))
+        Ok((meta, Some(body)))
     }
 }
 

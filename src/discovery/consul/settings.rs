@@ -90,6 +90,11 @@ pub struct RawConsul {
     /// absent (no registration).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub register: Option<RawRegister>,
+    /// KV prefix whose keys each hold one route (TOML or JSON, the schema of one `[[routes]]`
+    /// entry), watched with one blocking `?recurse` query. Must end with `/` (Consul's prefix
+    /// is a string prefix). Default: none, i.e. no routes from KV.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_prefix: Option<String>,
 }
 
 /// `[discovery.consul.connect]` as written in the config file.
@@ -145,6 +150,7 @@ impl Default for RawConsul {
             max_watches: 64,
             connect: RawConnect::default(),
             register: None,
+            kv_prefix: None,
         }
     }
 }
@@ -169,6 +175,7 @@ impl fmt::Debug for RawConsul {
             .field("max_watches", &self.max_watches)
             .field("connect", &self.connect)
             .field("register", &self.register)
+            .field("kv_prefix", &self.kv_prefix)
             .finish()
     }
 }
@@ -258,6 +265,8 @@ pub struct ConsulSettings {
     pub connect: ConnectSettings,
     /// The gateway's own registration, when the `register` table is present.
     pub register: Option<RegisterSettings>,
+    /// KV prefix of the routes kept in Consul (ends with `/`); `None` = no KV routes.
+    pub kv_prefix: Option<String>,
 }
 
 impl ConsulSettings {
@@ -491,6 +500,11 @@ impl RawConsul {
             }
         }
 
+        if let Some(prefix) = &self.kv_prefix {
+            if let Err(msg) = check_kv_prefix(prefix) {
+                err("kv_prefix", msg);
+            }
+        }
         let register = match self.register.as_ref().map(RawRegister::resolve) {
             None => None,
             Some(Ok(r)) => Some(r),
@@ -522,10 +536,27 @@ impl RawConsul {
                     service: connect_service.to_owned(),
                 },
                 register,
+                kv_prefix: self.kv_prefix.clone(),
             }),
             _ => Err(errors),
         }
     }
+}
+
+/// A KV prefix is a string prefix in Consul, so `meshgate/routes` would also list
+/// `meshgate/routes2/...`: it must end with `/`, and Consul keys never start with one.
+fn check_kv_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.starts_with('/') {
+        return Err(format!(
+            "{prefix:?} must not start with \"/\"; Consul keys have no leading slash"
+        ));
+    }
+    if !prefix.ends_with('/') || prefix.len() < 2 {
+        return Err(format!(
+            "{prefix:?} must be a folder ending with \"/\", such as \"meshgate/routes/\""
+        ));
+    }
+    Ok(())
 }
 
 /// Go's `strconv.ParseBool` spellings, which the Consul CLI uses for its variables.
