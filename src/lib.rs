@@ -7,7 +7,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | leaf | [`clock`], [`error`], [`tls`], [`limits`], [`metrics`], [`discovery`] (vocabulary), [`body`], [`conn`], [`rules`], [`mock`] |
-//! | domain | [`balancer`], [`health`], [`discovery::consul`], [`telemetry`] |
+//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`] |
 //! | data plane | [`proxy`]: route and table, stage pipeline, forwarding, pool, response body, upgrades |
 //! | serving | [`server`] (decides which admin paths the main listener answers) |
 //! | configuration | [`config`]: figment, raw, validated, from the lower layers' settings types |

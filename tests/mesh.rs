@@ -354,3 +354,37 @@ async fn an_expired_leaf_fails_mesh_requests_with_a_clear_502() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn websocket_upgrades_work_over_mesh_connections() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let consul = ConsulEmulator::start_with(options()).await;
+    let echo = support::ws::WsEcho::start().await;
+    let sc = Sidecar::start(&consul, "web", Alpn::H2, echo.addr).await;
+    consul.register(
+        Registration::new(
+            "ws-sidecar",
+            "web-sidecar-proxy",
+            "127.0.0.1",
+            sc.addr().port(),
+        )
+        .sidecar_for("web"),
+    );
+    let gw = gateway(&consul, "").await;
+    until(|| async { ready(&gw).await.0 == 200 }).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/web/ws", gw.addr))
+        .await
+        .unwrap();
+    ws.send(Message::text("through the mesh")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("through the mesh")
+    );
+    // The upgrade went over mTLS as the gateway, on an HTTP/1.1 connection (an h2 sidecar too).
+    assert_eq!(
+        sc.callers().last().cloned().flatten(),
+        Some(consul.service_uri("meshgate"))
+    );
+    assert_eq!(echo.handshakes.lock().unwrap().len(), 1);
+}

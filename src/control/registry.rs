@@ -34,6 +34,9 @@ struct Probe {
     cancel: CancellationToken,
 }
 
+/// A watched Consul service and whether it is read through the mesh (`/v1/health/connect`).
+type WatchedService = (Arc<str>, bool);
+
 /// The mesh identity and the readiness of its watch.
 struct Mesh {
     identity: Arc<MeshIdentity>,
@@ -53,7 +56,7 @@ struct Inner {
     routes: BTreeMap<Arc<str>, (RouteConfig, Arc<Route>)>,
     probes: BTreeMap<Arc<str>, Probe>,
     limiters: BTreeMap<Arc<str>, Arc<Limiter>>,
-    watching: Option<(Vec<(Arc<str>, bool)>, CancellationToken)>,
+    watching: Option<(Vec<WatchedService>, CancellationToken)>,
     /// The gateway's Connect identity and its watch, once a route needs the mesh.
     mesh: Option<Mesh>,
     catalog_watch: Option<Arc<ServiceSync>>,
