@@ -3,15 +3,18 @@
 //! Runs the release `meshgate` binary against the project's Consul emulator on loopback:
 //! `cargo bench --bench consul` (add `-- quick` for fewer rounds).
 
-#[path = "../tests/support/consul.rs"]
+// An inline module with a path, so consul.rs finds its children in tests/support/consul/.
+#[path = "../tests/support"]
 #[allow(dead_code)]
-mod consul;
+mod support {
+    pub mod consul;
+}
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use consul::{ConsulEmulator, EmulatorOptions, Registration};
+use support::consul::{ConsulEmulator, EmulatorOptions, Registration};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

@@ -73,7 +73,16 @@ fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<ResponseBody> {
             if state.readiness.is_ready() {
                 json_response(StatusCode::OK, &json!({"ready": true}))
             } else {
-                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false}))
+                // Why, when the mesh identity is what is missing (a 403 on the leaf, say).
+                let mesh = state.mesh.load_full().filter(|m| !m.is_loaded()).map(|m| {
+                    m.error()
+                        .unwrap_or_else(|| "waiting for the mesh identity".into())
+                });
+                let body = match mesh {
+                    Some(reason) => json!({"ready": false, "mesh": reason}),
+                    None => json!({"ready": false}),
+                };
+                json_response(StatusCode::SERVICE_UNAVAILABLE, &body)
             }
         }
         // The page holds no data; its fetches carry the token (`?token=`).
@@ -385,6 +394,11 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                 "upstream_path": upstream_path,
                 "timeout_ms": route.timeout.as_millis() as u64,
                 "retry_attempts": route.retry.attempts,
+                "stages": route.pipeline.names().collect::<Vec<_>>(),
+                "mesh": route.mesh.as_ref().map(|m| json!({
+                    "identity": m.identity().service,
+                    "expects": m.expected_id(),
+                })),
             },
             "pool": {
                 "endpoints": snap.len(),
@@ -513,6 +527,8 @@ pub fn status(state: &ControlState) -> Value {
         "routes": routes,
         "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
         "notes": &**state.notes.load(),
+        "mesh": state.mesh.load_full().map(|m| m.status()),
+        "registration": state.registration.load().as_ref().map(|r| r.to_json()),
     })
 }
 

@@ -185,6 +185,63 @@ impl Config {
     }
 }
 
+/// A route kept in Consul KV under `key`: JSON when the document starts with `{`, TOML
+/// otherwise, with the schema of one `[[routes]]` entry; the key's last segment is the default
+/// name. The file's route validator checks it against `config`'s services; each problem's path
+/// is the key path inside the document (empty for the document as a whole).
+pub fn kv_route(key: &str, document: &[u8], config: &Config) -> Result<RouteConfig, Vec<Problem>> {
+    let whole = |message: String| {
+        vec![Problem {
+            path: String::new(),
+            message,
+        }]
+    };
+    let Ok(text) = std::str::from_utf8(document) else {
+        return Err(whole("not UTF-8 text, so neither JSON nor TOML".to_owned()));
+    };
+    let json = text.trim_start().starts_with('{');
+    let fig = if json {
+        Figment::from(Json::string(text))
+    } else {
+        Figment::from(Toml::string(text))
+    };
+    let raw: RawRoute = fig.extract().map_err(|e| {
+        e.into_iter()
+            .map(|e| Problem {
+                path: e.path.join("."),
+                message: if json {
+                    format!("invalid JSON: {}", e.kind)
+                } else {
+                    format!("neither JSON nor valid TOML: {}", e.kind)
+                },
+            })
+            .collect::<Vec<_>>()
+    })?;
+    let name = key.rsplit('/').next().unwrap_or(key);
+    let mut c = Problems {
+        problems: Vec::new(),
+    };
+    let services = Services {
+        static_services: &config.discovery.static_services,
+        static_only: config.discovery.provider == Provider::Static,
+        connect_default: config
+            .discovery
+            .consul
+            .as_ref()
+            .is_some_and(|c| c.connect.enabled),
+    };
+    let route = routes::single(&mut c, &raw, "", name, services);
+    for p in &mut c.problems {
+        if let Some(rest) = p.path.strip_prefix('.') {
+            p.path = rest.to_owned();
+        }
+    }
+    match route {
+        Some(r) if c.problems.is_empty() => Ok(r),
+        _ => Err(c.problems),
+    }
+}
+
 /// Every section in turn, then the assembly. The order of the calls is the order of the
 /// problems, which tests compare as lists.
 fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
@@ -208,6 +265,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         Services {
             static_services: &discovery.static_services,
             static_only: discovery.provider == Provider::Static,
+            connect_default: discovery.consul.as_ref().is_some_and(|c| c.connect.enabled),
         },
     );
 
@@ -558,6 +616,43 @@ mod tests {
             Ok(_) => panic!("expected errors"),
             Err(e) => e.problems(),
         }
+    }
+
+    #[test]
+    fn kv_route_reads_json_and_toml_with_the_route_validator() {
+        let c = Config::from_toml("[discovery]\nprovider = \"consul\"", &Env::default()).unwrap();
+        let key = "meshgate/routes/orders";
+        let json = kv_route(key, br#" {"path": "/o", "service": "orders"}"#, &c).unwrap();
+        assert_eq!((&*json.name, json.path.as_str()), ("orders", "/o"));
+        let toml = kv_route(
+            key,
+            b"name = \"x\"\npath = \"/o\"\nservice = \"orders\"",
+            &c,
+        );
+        assert_eq!(&*toml.unwrap().name, "x");
+
+        let show = |doc: &[u8]| -> Vec<String> {
+            kv_route(key, doc, &c)
+                .unwrap_err()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(
+            show(br#"{"path": "o", "service": "s", "timeout": "x", "bogus": 1}"#),
+            [
+                "bogus: unknown key",
+                "path: \"o\" must start with \"/\"",
+                "timeout: invalid duration \"x\" (expected number at 0); use e.g. \"250ms\", \"10s\", \"5m\"",
+            ]
+        );
+        assert!(show(b"not a route {")[0].contains("neither JSON nor valid TOML"));
+        assert!(show(b"{ broken")[0].contains("invalid JSON"));
+        assert!(show(&[0xff, 0xfe])[0].contains("not UTF-8"));
+        assert_eq!(
+            show(b"path = \"/p\""),
+            [": needs either targets or service"]
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod reload;
 pub mod static_discovery;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use crate::balancer::ServicePool;
 use crate::config::Config;
-use crate::discovery::consul::ServiceSync;
+use crate::discovery::consul::{RegistrationStatus, ServiceSync};
+use crate::mesh::MeshIdentity;
 use crate::proxy::ProxyState;
 
 /// What the control plane reads and writes. The request path's part is `proxy`; everything else
@@ -29,10 +30,17 @@ pub struct ControlState {
     pub services: ArcSwap<BTreeMap<Arc<str>, Arc<LiveService>>>,
     /// Route conflicts and tag problems, shown in `/status`.
     pub notes: ArcSwap<Vec<String>>,
+    /// KV keys whose route is invalid or clashes now (`meshgate_kv_route_errors`); registry-written.
+    pub kv_route_errors: AtomicUsize,
     /// The configuration in force, for the admin `/config` view; published by the registry.
     pub config: ArcSwapOption<Config>,
+    /// The gateway's own Consul registration, when `discovery.consul.register` is set; stored
+    /// by `Gateway::run` once the listeners are up.
+    pub registration: ArcSwapOption<RegistrationStatus>,
     /// Readiness and uptime.
     pub readiness: Readiness,
+    /// The gateway's Connect identity, while any route goes through the mesh.
+    pub mesh: ArcSwapOption<MeshIdentity>,
     /// What `/metrics` encodes (set once at build, by [`prometheus::install`]).
     pub prometheus: OnceLock<prometheus_client::registry::Registry>,
 }
@@ -45,8 +53,11 @@ impl ControlState {
             tls,
             services: ArcSwap::default(),
             notes: ArcSwap::default(),
+            kv_route_errors: AtomicUsize::new(0),
             config: ArcSwapOption::empty(),
+            registration: ArcSwapOption::empty(),
             readiness: Readiness::default(),
+            mesh: ArcSwapOption::empty(),
             prometheus: OnceLock::new(),
         })
     }

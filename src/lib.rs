@@ -7,7 +7,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | leaf | [`clock`], [`error`], [`tls`], [`limits`], [`metrics`], [`discovery`] (vocabulary), [`body`], [`conn`], [`rules`], [`mock`] |
-//! | domain | [`balancer`], [`health`], [`discovery::consul`], [`telemetry`] |
+//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`] |
 //! | data plane | [`proxy`]: route and table, stage pipeline, forwarding, pool, response body, upgrades |
 //! | serving | [`server`] (decides which admin paths the main listener answers) |
 //! | configuration | [`config`]: figment, raw, validated, from the lower layers' settings types |
@@ -45,6 +45,7 @@ pub mod discovery;
 pub mod error;
 pub mod health;
 pub mod limits;
+pub mod mesh;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
@@ -71,6 +72,7 @@ use control::registry::{Registry, RegistryError};
 use control::reload::Reloader;
 use control::static_discovery::StaticDiscovery;
 use control::{ControlState, Readiness};
+use discovery::consul::{ConsulClient, RegisterSettings};
 use health::HealthCallback;
 use proxy::route::{ErrorHandler, RouteTable};
 use proxy::ProxyState;
@@ -153,6 +155,17 @@ pub enum GatewayError {
     Registry(#[from] RegistryError),
 }
 
+/// Whether the gateway takes part in the Consul service mesh (`discovery.consul.connect.enabled`
+/// or a route with `connect = true`); it then registers itself Connect-native.
+pub fn mesh_enabled(config: &Config) -> bool {
+    config.routes.iter().any(|r| r.connect)
+        || config
+            .discovery
+            .consul
+            .as_ref()
+            .is_some_and(|c| c.connect.enabled)
+}
+
 /// A built gateway: pools, routes and providers, ready to [`run`](Gateway::run).
 pub struct Gateway {
     server: config::ServerConfig,
@@ -163,6 +176,8 @@ pub struct Gateway {
     reloader: Option<Arc<Reloader>>,
     static_discovery: StaticDiscovery,
     watch_file: bool,
+    /// `discovery.consul.register` with its own client and whether to register Connect-native.
+    register: Option<(ConsulClient, RegisterSettings, bool)>,
 }
 
 impl Gateway {
@@ -217,6 +232,17 @@ impl Gateway {
         let server = config.server.clone();
         let expose_admin = config.admin.expose_on_main;
         let admin_token = config.admin.token.clone();
+        let register = match config.discovery.consul.as_ref() {
+            Some(consul) => match &consul.register {
+                Some(r) => Some((
+                    ConsulClient::new(consul).map_err(RegistryError::Consul)?,
+                    r.clone(),
+                    mesh_enabled(&config),
+                )),
+                None => None,
+            },
+            None => None,
+        };
         let registry = Registry::new(config, state.clone(), error_handlers, on_health_change)?;
         Ok(Self {
             server,
@@ -227,6 +253,7 @@ impl Gateway {
             registry,
             reloader: None,
             watch_file: false,
+            register,
         })
     }
 
@@ -265,9 +292,12 @@ impl Gateway {
         &self.state
     }
 
-    /// Runs until `shutdown` resolves, then shuts down in order: fail readiness, wait the
-    /// drain delay, stop accepting, let in-flight requests finish within the grace period,
-    /// and stop background tasks.
+    /// Runs until `shutdown` resolves, then shuts down in order: fail readiness, deregister
+    /// from Consul (with `discovery.consul.register`), wait the drain delay, stop accepting,
+    /// let in-flight requests finish within the grace period, and stop background tasks.
+    ///
+    /// With `discovery.consul.register` the gateway registers itself once its listeners are
+    /// up; that table is read at build time only (a reload does not change it).
     pub async fn run(
         self,
         listeners: Listeners,
@@ -356,9 +386,24 @@ impl Gateway {
             }
         }
         tracing::info!(listen = %main_addr, admin = ?admin_addr, "meshgate listening");
+        // Registered only now, so the agent's first check of /ready finds a listener.
+        let registration = self.register.as_ref().map(|(client, settings, native)| {
+            let payload = settings.payload(main_addr, admin_addr, *native);
+            let task = discovery::consul::spawn_registration(
+                client.clone(),
+                payload,
+                settings.check_interval,
+            );
+            self.state.registration.store(Some(task.status().clone()));
+            task
+        });
 
         shutdown.await;
         self.state.readiness.begin_shutdown();
+        // Before the drain delay, so Consul-fed load balancers stop sending while we still serve.
+        if let Some(task) = registration {
+            task.deregister().await;
+        }
         if !server_cfg.drain_delay.is_zero() {
             tracing::info!(drain_delay = ?server_cfg.drain_delay, "shutting down: readiness failed, draining");
             tokio::time::sleep(server_cfg.drain_delay).await;

@@ -4,6 +4,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod forward;
+pub mod mesh;
 pub mod pipeline;
 pub mod pool;
 pub mod route;
@@ -254,6 +255,12 @@ async fn route_request(
 
 fn log_error(e: &ProxyError, route: &Route) {
     match e {
+        // Once per route and minute: every request would repeat it while the intention is missing.
+        ProxyError::MeshDenied { .. } => {
+            if route.mesh.as_ref().is_some_and(|m| m.denial_log_due()) {
+                tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "mesh denied the gateway (logged once a minute per route)")
+            }
+        }
         ProxyError::NoRoute { .. }
         | ProxyError::BodyTooLarge { .. }
         | ProxyError::InvalidRequest { .. }
@@ -269,6 +276,8 @@ fn log_error(e: &ProxyError, route: &Route) {
         ProxyError::Connect { .. }
         | ProxyError::UpstreamTimeout { .. }
         | ProxyError::UnexpectedUpgrade { .. }
+        | ProxyError::MeshUnavailable { .. }
+        | ProxyError::MeshCertExpired { .. }
         | ProxyError::Upstream { .. } => {
             tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
         }

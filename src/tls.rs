@@ -216,7 +216,7 @@ pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, TlsError
     let builder = if tls.insecure_skip_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_custom_certificate_verifier(Arc::new(NoVerify(HandshakeSignatures(provider))))
     } else if let Some(ca) = &tls.ca_file {
         let mut roots = rustls::RootCertStore::empty();
         for c in certs(ca)? {
@@ -236,9 +236,51 @@ pub fn client_config(tls: &UpstreamTls) -> Result<rustls::ClientConfig, TlsError
     })
 }
 
+/// The handshake-signature half of a certificate verifier, shared by every custom verifier:
+/// whatever a verifier decides about the certificate, signatures are checked with the provider.
+#[derive(Debug)]
+pub struct HandshakeSignatures(pub Arc<CryptoProvider>);
+
+impl HandshakeSignatures {
+    /// `ServerCertVerifier::verify_tls12_signature`.
+    pub fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    /// `ServerCertVerifier::verify_tls13_signature`.
+    pub fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    /// `ServerCertVerifier::supported_verify_schemes`.
+    pub fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Accepts any certificate but still checks handshake signatures (insecure_skip_verify).
 #[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
+struct NoVerify(HandshakeSignatures);
 
 impl ServerCertVerifier for NoVerify {
     fn verify_server_cert(
@@ -258,12 +300,7 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -272,15 +309,10 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.0.schemes()
     }
 }

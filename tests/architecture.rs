@@ -32,6 +32,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "src/balancer.rs",
             "src/balancer/",
             "src/health.rs",
+            "src/mesh.rs",
             "src/discovery/consul.rs",
             "src/discovery/consul/",
             "src/telemetry.rs",

@@ -1143,3 +1143,766 @@ async fn requests_are_recorded_with_decoded_query_pairs() {
     assert_eq!(r.token().as_deref(), Some("secret"));
     assert_eq!(consul.requests().len(), 1);
 }
+
+// === Connect CA (CONNECT.md §2, §3) ===
+
+const ROOTS_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/consul/connect-ca-roots-docs-sample.json"
+);
+const LEAF_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/consul/connect-ca-leaf-docs-sample.json"
+);
+const CATALOG_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/consul/catalog-service-docs-sample.json"
+);
+const CATALOG_PROXY_FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/consul/catalog-service-connect-proxy-real-capture-sanitized.json"
+);
+
+fn fixture(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read fixture"))
+        .expect("fixture JSON")
+}
+
+/// JSON kind of every field of an object, to compare shapes with a fixture.
+fn kinds(v: &Value) -> std::collections::BTreeMap<String, &'static str> {
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_u64() => "uint",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    v.as_object()
+        .expect("a JSON object")
+        .iter()
+        .map(|(k, v)| (k.clone(), kind(v)))
+        .collect()
+}
+
+fn is_colon_hex(s: &str, bytes: usize) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == bytes
+        && parts.iter().all(|p| {
+            p.len() == 2
+                && p.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// Whether the leaf chain (leaf + intermediates) verifies for client auth against `roots_pem`.
+fn chains_to(chain_pem: &str, roots_pem: &str) -> bool {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let chain: Vec<CertificateDer<'static>> = support::consul::pem_blocks(chain_pem)
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let roots: Vec<CertificateDer<'static>> = support::consul::pem_blocks(roots_pem)
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let anchors: Vec<_> = roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).expect("anchor"))
+        .collect();
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).expect("leaf parses");
+    leaf.verify_for_usage(
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all,
+        &anchors,
+        &chain[1..],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .is_ok()
+}
+
+#[tokio::test]
+async fn connect_roots_have_the_fixture_shape_and_a_spiffe_root() {
+    let consul = ConsulEmulator::start().await;
+    let answer = get(
+        client(),
+        format!("{}/v1/agent/connect/ca/roots", consul.url()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.index() > 0);
+    let body = answer.json();
+    let want = fixture(ROOTS_FIXTURE);
+    assert_eq!(kinds(&body), kinds(&want));
+    let mut want_root = kinds(&want["Roots"][0]);
+    // The sample root is the active one without a cross-signed certificate: null.
+    assert_eq!(want_root.get("IntermediateCerts"), Some(&"null"));
+    want_root.insert("IntermediateCerts".to_owned(), "null");
+    assert_eq!(kinds(&body["Roots"][0]), want_root);
+
+    let root = &body["Roots"][0];
+    assert_eq!(body["TrustDomain"], consul.trust_domain());
+    assert!(consul.trust_domain().ends_with(".consul"));
+    assert_eq!(body["ActiveRootID"], root["ID"]);
+    assert!(
+        is_colon_hex(root["ID"].as_str().unwrap(), 20),
+        "{}",
+        root["ID"]
+    );
+    assert!(root["SerialNumber"].is_u64());
+    assert_eq!(root["Active"], true);
+    assert_eq!(root["PrivateKeyType"], "ec");
+    let der = &support::consul::pem_blocks(root["RootCert"].as_str().unwrap())[0];
+    assert_eq!(
+        support::consul::uri_sans(der),
+        vec![format!("spiffe://{}", consul.trust_domain())]
+    );
+    assert_eq!(root["RootCert"].as_str(), Some(consul.roots_pem().as_str()));
+}
+
+#[tokio::test]
+async fn connect_leaf_has_the_fixture_shape_and_blocks_until_renewed() {
+    let consul = ConsulEmulator::start_with(fast_options()).await;
+    let c = client();
+    let url = format!("{}/v1/agent/connect/ca/leaf/web", consul.url());
+    let first = get(c.clone(), url.clone()).await;
+    assert_eq!(first.status, 200);
+    let leaf = first.json();
+    let mut want = kinds(&fixture(LEAF_FIXTURE));
+    // The docs sample is from Enterprise; CE leaves carry no Namespace.
+    want.remove("Namespace");
+    assert_eq!(kinds(&leaf), want);
+    assert_eq!(first.index(), leaf["ModifyIndex"].as_u64().unwrap());
+    assert_eq!(leaf["Service"], "web");
+    assert_eq!(leaf["ServiceURI"], consul.service_uri("web"));
+    assert!(is_colon_hex(leaf["SerialNumber"].as_str().unwrap(), 1));
+    let key = leaf["PrivateKeyPEM"].as_str().unwrap();
+    assert!(key.starts_with("-----BEGIN EC PRIVATE KEY-----\n"), "{key}");
+    let chain = leaf["CertPEM"].as_str().unwrap();
+    let blocks = support::consul::pem_blocks(chain);
+    assert_eq!(blocks.len(), 1, "no intermediates before a rotation");
+    assert_eq!(
+        support::consul::uri_sans(&blocks[0]),
+        vec![consul.service_uri("web")]
+    );
+    assert!(chains_to(chain, &consul.roots_pem()));
+    assert!(!chains_to(chain, &consul.foreign_ca().root_pem()));
+
+    // A revalidating read returns the cached leaf.
+    let again = get(c.clone(), url.clone()).await;
+    assert_eq!(again.json()["SerialNumber"], leaf["SerialNumber"]);
+
+    let idx = first.index();
+    let pending = tokio::spawn(get(c.clone(), format!("{url}?index={idx}&wait=5s")));
+    timeout(LIMIT, consul.until_blocked(1))
+        .await
+        .expect("leaf query blocks");
+    let renewed_at = consul.force_renew_leaf("web");
+    let renewed = timeout(LIMIT, pending)
+        .await
+        .expect("woke on renewal")
+        .expect("request task");
+    assert_eq!(renewed.index(), renewed_at);
+    assert!(renewed_at > idx);
+    let body = renewed.json();
+    assert_ne!(body["SerialNumber"], leaf["SerialNumber"]);
+    assert_ne!(body["PrivateKeyPEM"], leaf["PrivateKeyPEM"]);
+    assert_eq!(body["CreateIndex"], leaf["CreateIndex"]);
+}
+
+#[tokio::test]
+async fn set_leaf_ttl_sets_valid_before() {
+    let consul = ConsulEmulator::start().await;
+    consul.set_leaf_ttl(Duration::from_secs(2 * 3600));
+    let leaf = get(
+        client(),
+        format!("{}/v1/agent/connect/ca/leaf/web", consul.url()),
+    )
+    .await
+    .json();
+    let hour = |s: &Value| -> u32 { s.as_str().unwrap()[11..13].parse().unwrap() };
+    let (after, before) = (hour(&leaf["ValidAfter"]), hour(&leaf["ValidBefore"]));
+    assert_eq!((after + 2) % 24, before, "{leaf}");
+}
+
+#[tokio::test]
+async fn root_rotation_lists_both_roots_and_renews_leaves_with_the_cross_signed_intermediate() {
+    let consul = ConsulEmulator::start_with(fast_options()).await;
+    let c = client();
+    let roots_url = format!("{}/v1/agent/connect/ca/roots", consul.url());
+    let leaf_url = format!("{}/v1/agent/connect/ca/leaf/web", consul.url());
+    let old_roots_pem = consul.roots_pem();
+    let roots = get(c.clone(), roots_url.clone()).await;
+    let leaf = get(c.clone(), leaf_url.clone()).await;
+    let (roots_idx, leaf_idx) = (roots.index(), leaf.index());
+
+    let roots_wait = tokio::spawn(get(
+        c.clone(),
+        format!("{roots_url}?index={roots_idx}&wait=5s"),
+    ));
+    let leaf_wait = tokio::spawn(get(
+        c.clone(),
+        format!("{leaf_url}?index={leaf_idx}&wait=5s"),
+    ));
+    timeout(LIMIT, consul.until_blocked(2))
+        .await
+        .expect("both queries block");
+    let rotated_at = consul.rotate_root(true);
+
+    let roots = timeout(LIMIT, roots_wait)
+        .await
+        .expect("roots woke")
+        .expect("task");
+    assert_eq!(roots.index(), rotated_at);
+    let body = roots.json();
+    let list = body["Roots"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let old = &list[0];
+    let new = &list[1];
+    assert_eq!(old["Active"], false);
+    assert_eq!(old["ModifyIndex"], rotated_at);
+    assert_eq!(new["Active"], true);
+    assert_eq!(body["ActiveRootID"], new["ID"]);
+    assert_ne!(old["ID"], new["ID"]);
+    let cross = new["IntermediateCerts"][0]
+        .as_str()
+        .expect("cross-signed cert");
+
+    let leaf = timeout(LIMIT, leaf_wait)
+        .await
+        .expect("leaf woke")
+        .expect("task");
+    assert_eq!(leaf.index(), rotated_at);
+    let chain = leaf.json()["CertPEM"].as_str().unwrap().to_owned();
+    let blocks = support::consul::pem_blocks(&chain);
+    assert_eq!(blocks.len(), 2);
+    assert_eq!(blocks[1], support::consul::pem_blocks(cross)[0]);
+    // A peer that only knows the old root still accepts the new leaf, thanks to the
+    // cross-signed intermediate; without it, it does not.
+    assert!(chains_to(&chain, &old_roots_pem));
+    let bare_leaf = String::from_utf8(
+        chain.as_bytes()[..chain.find("-----END CERTIFICATE-----").unwrap() + 26].to_vec(),
+    )
+    .unwrap();
+    assert!(!chains_to(&bare_leaf, &old_roots_pem));
+    assert!(chains_to(&chain, &consul.roots_pem()));
+
+    let pruned_at = consul.prune_old_roots();
+    let roots = get(c.clone(), roots_url.clone()).await;
+    assert_eq!(roots.index(), pruned_at);
+    assert!(pruned_at > rotated_at);
+    assert_eq!(roots.json()["Roots"].as_array().unwrap().len(), 1);
+    assert_eq!(consul.prune_old_roots(), pruned_at, "nothing left to prune");
+
+    // Without cross-signing, new leaves carry no intermediate.
+    consul.rotate_root(false);
+    let leaf = get(c.clone(), leaf_url).await.json();
+    assert_eq!(
+        support::consul::pem_blocks(leaf["CertPEM"].as_str().unwrap()).len(),
+        1
+    );
+    assert!(!chains_to(
+        leaf["CertPEM"].as_str().unwrap(),
+        &old_roots_pem
+    ));
+}
+
+#[tokio::test]
+async fn leaf_needs_service_write_on_the_name() {
+    let consul = ConsulEmulator::start_with(EmulatorOptions {
+        acl: Some(AclConfig::new().token("gw-token", TokenScope::services(["meshgate"]))),
+        ..fast_options()
+    })
+    .await;
+    let c = client();
+    let url = |name: &str| format!("{}/v1/agent/connect/ca/leaf/{name}", consul.url());
+    let ok = send(c.get(url("meshgate")).header("X-Consul-Token", "gw-token"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let denied = send(c.get(url("web")).header("X-Consul-Token", "gw-token"))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 403);
+    assert!(
+        denied.body.starts_with("Permission denied") && denied.body.contains("service:write"),
+        "{}",
+        denied.body
+    );
+    let anonymous = get(c.clone(), url("meshgate")).await;
+    assert_eq!(anonymous.status, 403);
+    assert!(anonymous.body.starts_with("Permission denied"));
+    // Roots need no token.
+    let roots = get(c, format!("{}/v1/agent/connect/ca/roots", consul.url())).await;
+    assert_eq!(roots.status, 200);
+}
+
+// === health/connect, catalog/service, ?filter= (CONNECT.md §4, §10) ===
+
+fn mesh_catalog(consul: &ConsulEmulator) {
+    consul.register(Registration::new("web-1", "web", "10.0.0.1", 8080).meta("env", "prod"));
+    consul.register(
+        Registration::new(
+            "web-1-sidecar-proxy",
+            "web-sidecar-proxy",
+            "10.0.0.1",
+            21000,
+        )
+        .sidecar_for("web")
+        .tags(["v2"])
+        .meta("env", "prod"),
+    );
+    consul.register(
+        Registration::new(
+            "web-2-sidecar-proxy",
+            "web-sidecar-proxy",
+            "10.0.0.2",
+            21000,
+        )
+        .sidecar_for("web")
+        .meta("env", "staging")
+        .node("node2", "10.0.0.2"),
+    );
+    consul.register(Registration::new("web-native", "web", "10.0.0.3", 8443).connect_native());
+    consul.register(
+        Registration::new(
+            "api-1-sidecar-proxy",
+            "api-sidecar-proxy",
+            "10.0.0.4",
+            21000,
+        )
+        .sidecar_for("api"),
+    );
+}
+
+#[tokio::test]
+async fn health_connect_lists_sidecars_and_native_instances() {
+    let consul = ConsulEmulator::start_with(fast_options()).await;
+    mesh_catalog(&consul);
+    let c = client();
+    let url = format!("{}/v1/health/connect/web", consul.url());
+    let answer = get(c.clone(), url.clone()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.ids(),
+        ["web-1-sidecar-proxy", "web-2-sidecar-proxy", "web-native"]
+    );
+    let body = answer.json();
+    let sidecar = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["Service"]["ID"] == "web-1-sidecar-proxy")
+        .unwrap();
+    assert_eq!(sidecar["Service"]["Kind"], "connect-proxy");
+    assert_eq!(sidecar["Service"]["Proxy"]["DestinationServiceName"], "web");
+    assert_eq!(sidecar["Service"]["Port"], 21000);
+    assert_eq!(sidecar["Service"]["Connect"], json!({}));
+    let native = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["Service"]["ID"] == "web-native")
+        .unwrap();
+    assert_eq!(native["Service"]["Connect"]["Native"], true);
+    assert!(
+        native["Service"].get("Kind").is_none(),
+        "typical services omit Kind"
+    );
+    // Plain instances are not mesh endpoints; health/service is unchanged.
+    let plain = get(c.clone(), format!("{}/v1/health/service/web", consul.url())).await;
+    assert_eq!(plain.ids(), ["web-1", "web-native"]);
+    let none = get(c.clone(), format!("{}/v1/health/connect/db", consul.url())).await;
+    assert_eq!((none.status, none.body.as_str()), (200, "[]"));
+
+    // Blocking: a sidecar's check change wakes the query at the change's index.
+    let idx = answer.index();
+    let pending = tokio::spawn(get(c.clone(), format!("{url}?index={idx}&wait=5s")));
+    timeout(LIMIT, consul.until_blocked(1))
+        .await
+        .expect("query blocks");
+    let changed = consul.set_check("web-2-sidecar-proxy", "critical", "down");
+    let woke = timeout(LIMIT, pending).await.expect("woke").expect("task");
+    assert_eq!(woke.index(), changed);
+    let passing = get(c.clone(), format!("{url}?passing")).await;
+    assert_eq!(passing.ids(), ["web-1-sidecar-proxy", "web-native"]);
+}
+
+#[tokio::test]
+async fn agent_registration_keeps_kind_proxy_and_connect() {
+    let consul = ConsulEmulator::start().await;
+    let c = client();
+    let reg = json!({
+        "Name": "web-sidecar-proxy", "ID": "web-sidecar-proxy", "Kind": "connect-proxy",
+        "Port": 21000, "Proxy": {"DestinationServiceName": "web", "LocalServicePort": 8080}
+    });
+    let native = json!({"Name": "meshgate", "ID": "meshgate-1", "Port": 8443,
+        "Connect": {"Native": true}});
+    for body in [reg, native] {
+        let answer = put(
+            &c,
+            format!("{}/v1/agent/service/register", consul.url()),
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let web = get(c.clone(), format!("{}/v1/health/connect/web", consul.url())).await;
+    assert_eq!(web.ids(), ["web-sidecar-proxy"]);
+    let gw = get(c, format!("{}/v1/health/connect/meshgate", consul.url())).await;
+    assert_eq!(gw.ids(), ["meshgate-1"]);
+}
+
+#[tokio::test]
+async fn catalog_service_has_the_fixture_shapes() {
+    let consul = ConsulEmulator::start().await;
+    mesh_catalog(&consul);
+    let c = client();
+    let answer = get(
+        c.clone(),
+        format!("{}/v1/catalog/service/web-sidecar-proxy", consul.url()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let health = get(
+        c.clone(),
+        format!("{}/v1/health/service/web-sidecar-proxy", consul.url()),
+    )
+    .await;
+    assert_eq!(answer.index(), health.index());
+    let body = answer.json();
+    let entry = &body[0];
+    let capture = fixture(CATALOG_PROXY_FIXTURE);
+    assert_eq!(keys(entry), keys(&capture[0]));
+    let mut want = kinds(&capture[0]);
+    // The capture's service has Meta; ours too. Both are objects.
+    want.insert("ServiceMeta".to_owned(), "object");
+    assert_eq!(kinds(entry), want);
+    assert_eq!(entry["ServiceKind"], "connect-proxy");
+    assert_eq!(entry["ServiceProxy"]["DestinationServiceName"], "web");
+    assert_eq!(entry["ServiceTaggedAddresses"]["lan_ipv4"]["Port"], 21000);
+    // The docs sample (no tagged service addresses, older build) is a subset.
+    let docs = fixture(CATALOG_FIXTURE);
+    let plain = get(c, format!("{}/v1/catalog/service/web", consul.url()))
+        .await
+        .json();
+    assert!(keys(&docs[0]).is_subset(&keys(&plain[0])));
+    // No health: critical instances are listed too.
+    consul.set_check("web-1", "critical", "down");
+    assert_eq!(plain.as_array().unwrap().len(), 2);
+}
+
+async fn filtered(consul: &ConsulEmulator, path: &str, filter: &str) -> Answer {
+    let c = client();
+    let encoded: String = filter
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    send(c.get(format!("{}{path}?filter={encoded}", consul.url())))
+        .await
+        .expect("filtered GET")
+}
+
+#[tokio::test]
+async fn filters_select_entries_and_bad_filters_answer_500() {
+    let consul = ConsulEmulator::start().await;
+    mesh_catalog(&consul);
+    consul.set_check("web-2-sidecar-proxy", "critical", "down");
+    let ids = |a: &Answer, field: &str| -> Vec<String> {
+        let mut v: Vec<String> = a
+            .json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|e| {
+                let id = if field == "ServiceID" {
+                    &e["ServiceID"]
+                } else {
+                    &e["Service"]["ID"]
+                };
+                id.as_str().unwrap().to_owned()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let connect = "/v1/health/connect/web";
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            connect,
+            r#"Service.Kind == "connect-proxy""#,
+            &["web-1-sidecar-proxy", "web-2-sidecar-proxy"],
+        ),
+        (
+            connect,
+            r#"Service.Kind != "connect-proxy""#,
+            &["web-native"],
+        ),
+        (connect, r#""v2" in Service.Tags"#, &["web-1-sidecar-proxy"]),
+        (
+            connect,
+            r#""v2" not in Service.Tags"#,
+            &["web-2-sidecar-proxy", "web-native"],
+        ),
+        (
+            connect,
+            r#"Service.Meta.env == "prod" and Service.Proxy.DestinationServiceName == "web""#,
+            &["web-1-sidecar-proxy"],
+        ),
+        (
+            connect,
+            r#"Service.Meta["env"] == "staging" or Service.Connect.Native == true"#,
+            &["web-2-sidecar-proxy", "web-native"],
+        ),
+        (
+            connect,
+            r#"(Node.Datacenter == "dc1" and Checks.Status == "critical") or Service.Port == 8443"#,
+            &["web-2-sidecar-proxy", "web-native"],
+        ),
+        (
+            connect,
+            r#"not (Service.Kind == "connect-proxy")"#,
+            &["web-native"],
+        ),
+        (
+            "/v1/health/service/web",
+            r#"Service.Meta.env == "prod""#,
+            &["web-1"],
+        ),
+    ];
+    for (path, filter, want) in cases {
+        let answer = filtered(&consul, path, filter).await;
+        assert_eq!(answer.status, 200, "{filter}: {}", answer.body);
+        assert_eq!(ids(&answer, ""), *want, "{path} {filter}");
+    }
+    let catalog = "/v1/catalog/service/web-sidecar-proxy";
+    let answer = filtered(
+        &consul,
+        catalog,
+        r#"ServiceMeta.env == "prod" and ServiceKind == "connect-proxy""#,
+    )
+    .await;
+    assert_eq!(ids(&answer, "ServiceID"), ["web-1-sidecar-proxy"]);
+    let answer = filtered(&consul, catalog, r#""v2" in ServiceTags"#).await;
+    assert_eq!(ids(&answer, "ServiceID"), ["web-1-sidecar-proxy"]);
+
+    for (path, bad, why) in [
+        (connect, "Service.Meta.env == prod-1", "no match found"),
+        (catalog, "Address == 10.10.10.10", "Invalid number literal"),
+        (connect, r#"Service.Kind == "a" and"#, "no match found"),
+        (connect, r#"Nope == "x""#, "is not valid"),
+        (catalog, r#"Service.Kind == "x""#, "is not valid"),
+    ] {
+        let answer = filtered(&consul, path, bad).await;
+        assert_eq!(answer.status, 500, "{bad}");
+        assert!(answer
+            .header("content-type")
+            .is_some_and(|ct| ct.starts_with("text/plain")));
+        assert!(
+            answer
+                .body
+                .starts_with("Failed to create boolean expression evaluator: ")
+                && answer.body.contains(why),
+            "{bad}: {}",
+            answer.body
+        );
+    }
+}
+
+// === test sidecar ===
+
+/// One HTTP/1.1 request over a mesh TLS connection; the raw answer (empty if closed).
+async fn mesh_get(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(Option<Vec<u8>>, String), std::io::Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("web.default.dc1.internal.mesh")
+        .expect("server name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    tls.write_all(b"GET /hello HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await?;
+    Ok((alpn, String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[tokio::test]
+async fn sidecar_accepts_emulator_leaves_refuses_foreign_ones_and_plays_intentions() {
+    use support::sidecar::{mesh_client_config, Alpn, Deny, Sidecar};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let consul = ConsulEmulator::start().await;
+    let upstream = support::upstream::TestUpstream::builder()
+        .name("web-app")
+        .start()
+        .await;
+    let sidecar = Sidecar::start(&consul, "web", Alpn::Http11, upstream.addr()).await;
+    let (chain, key) = consul.issue_leaf("meshgate");
+    let roots = consul.roots_pem();
+    let web_uri = consul.service_uri("web");
+    let offer: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let good = mesh_client_config(&chain, &key, &roots, Some(&web_uri), offer);
+
+    let (alpn, answer) = timeout(LIMIT, mesh_get(sidecar.addr(), good.clone()))
+        .await
+        .expect("in time")
+        .expect("mesh request");
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("web-app"), "{answer}");
+    assert_eq!(sidecar.callers(), [Some(consul.service_uri("meshgate"))]);
+    assert_eq!((sidecar.handshakes(), sidecar.forwarded()), (1, 1));
+    let seen = upstream.last_request().expect("forwarded");
+    assert_eq!(
+        seen.headers.get("x-forwarded-client-cert").unwrap(),
+        &format!("URI={}", consul.service_uri("meshgate"))
+    );
+
+    // A leaf from a foreign CA is refused: no request reaches the upstream.
+    let (fchain, fkey) = consul.foreign_ca().issue_leaf("meshgate");
+    let foreign = mesh_client_config(&fchain, &fkey, &roots, Some(&web_uri), offer);
+    let refused = timeout(LIMIT, mesh_get(sidecar.addr(), foreign))
+        .await
+        .expect("in time");
+    assert!(
+        refused.as_ref().map_or(true, |(_, a)| a.is_empty()),
+        "{refused:?}"
+    );
+    assert_eq!(sidecar.handshakes(), 1);
+    assert_eq!(upstream.hits(), 1);
+
+    // The client refuses a sidecar presenting another service's identity.
+    let api_uri = consul.service_uri("api");
+    let strict = mesh_client_config(&chain, &key, &roots, Some(&api_uri), offer);
+    let err = timeout(LIMIT, mesh_get(sidecar.addr(), strict))
+        .await
+        .expect("in time")
+        .expect_err("identity mismatch");
+    assert!(
+        err.to_string().contains("peer certificate mismatch"),
+        "{err}"
+    );
+
+    // L7 deny: 403 RBAC; L4 deny: closed without a byte.
+    let meshgate = consul.service_uri("meshgate");
+    sidecar.deny(&meshgate, Deny::L7);
+    let (_, answer) = mesh_get(sidecar.addr(), good.clone())
+        .await
+        .expect("L7 answer");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.ends_with("RBAC: access denied"), "{answer}");
+    sidecar.deny(&meshgate, Deny::L4);
+    let closed = mesh_get(sidecar.addr(), good.clone()).await;
+    assert!(
+        closed.as_ref().map_or(true, |(_, a)| a.is_empty()),
+        "{closed:?}"
+    );
+    sidecar.allow(&meshgate);
+    assert_eq!(upstream.hits(), 1, "denied requests never reach the app");
+
+    // h2 sidecars negotiate h2; tcp sidecars negotiate nothing and proxy bytes.
+    let h2 = Sidecar::start(&consul, "web", Alpn::H2, upstream.addr()).await;
+    let tcp = tokio::net::TcpStream::connect(h2.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("web").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(good.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let raw = Sidecar::start(&consul, "web", Alpn::None, upstream.addr()).await;
+    let (alpn, answer) = mesh_get(raw.addr(), good.clone())
+        .await
+        .expect("tcp sidecar");
+    assert_eq!(alpn, None);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // After a rotation the sidecar presents a new-root leaf once reloaded.
+    consul.rotate_root(true);
+    sidecar.allow(&meshgate);
+    sidecar.reload(&consul);
+    let (chain2, key2) = consul.issue_leaf("meshgate");
+    let rotated = mesh_client_config(&chain2, &key2, &consul.roots_pem(), Some(&web_uri), offer);
+    let (_, answer) = mesh_get(sidecar.addr(), rotated)
+        .await
+        .expect("after rotation");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn sidecar_forwards_h2_and_websocket_and_can_present_a_foreign_leaf() {
+    use futures_util::{SinkExt, StreamExt};
+    use support::sidecar::{mesh_client_config, Alpn, Sidecar};
+    use tokio_tungstenite::tungstenite::Message;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let consul = ConsulEmulator::start().await;
+    let upstream = support::upstream::TestUpstream::builder()
+        .name("web-app")
+        .start()
+        .await;
+    let (chain, key) = consul.issue_leaf("meshgate");
+    let web_uri = consul.service_uri("web");
+    let offer: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let config = mesh_client_config(&chain, &key, &consul.roots_pem(), Some(&web_uri), offer);
+    let connect = |addr| {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("web").unwrap();
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+        }
+    };
+
+    // h2 downstream, HTTP/1.1 to the app.
+    let h2 = Sidecar::start(&consul, "web", Alpn::H2, upstream.addr()).await;
+    let tls = connect(h2.addr()).await.expect("h2 handshake");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 connection");
+    tokio::spawn(conn);
+    let req = http::Request::get("https://web/hello")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = timeout(LIMIT, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("h2 answer");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.last_request().unwrap().path(), "/hello");
+    assert_eq!(h2.forwarded(), 1);
+
+    // WebSocket through an http sidecar.
+    let echo = support::ws::WsEcho::start().await;
+    let http = Sidecar::start(&consul, "web", Alpn::Http11, echo.addr).await;
+    let tls = connect(http.addr()).await.expect("handshake");
+    let (mut ws, _) = timeout(LIMIT, tokio_tungstenite::client_async("ws://web/echo", tls))
+        .await
+        .expect("in time")
+        .expect("upgrade through the sidecar");
+    ws.send(Message::text("hello")).await.unwrap();
+    let back = timeout(LIMIT, ws.next()).await.expect("echo in time");
+    assert_eq!(back.unwrap().unwrap(), Message::text("hello"));
+
+    // A sidecar presenting a foreign CA's leaf for the right name is refused by a mesh client.
+    let (fchain, fkey) = consul.foreign_ca().issue_leaf("web");
+    http.present(&consul, &fchain, &fkey);
+    let err = connect(http.addr()).await.expect_err("foreign server leaf");
+    assert!(err.to_string().contains("mesh chain"), "{err}");
+}

@@ -422,6 +422,10 @@ pub struct RawRoute {
     pub upstream_tls: Option<RawUpstreamTls>,
     /// Relay WebSocket and other HTTP/1.1 upgrades. Default true.
     pub websocket: bool,
+    /// Reach the route's `service` through the Consul service mesh (Connect mTLS to its
+    /// sidecars); default `discovery.consul.connect.enabled`. Not for `targets`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect: Option<bool>,
     /// Close an upgraded connection after this much silence in both directions. Default: never.
     pub websocket_idle_timeout: Option<String>,
     /// Retry policy.
@@ -581,6 +585,7 @@ impl Default for RawRoute {
             max_body: None,
             upstream_tls: None,
             websocket: true,
+            connect: None,
             websocket_idle_timeout: None,
             retry: RawRetry::default(),
             stream_timeout: None,

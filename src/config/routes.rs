@@ -29,6 +29,8 @@ pub(super) struct Services<'a> {
     pub(super) static_services: &'a BTreeMap<Arc<str>, StaticService>,
     /// `discovery.provider = "static"`: a route's `service` must then be a static one.
     pub(super) static_only: bool,
+    /// `discovery.consul.connect.enabled`: the mesh default for routes naming a service.
+    pub(super) connect_default: bool,
 }
 
 /// Every route in file order. A route with no usable backend is still checked, then left out
@@ -41,26 +43,55 @@ pub(super) fn routes(
     let mut set = RouteSet::new(services);
     raw.iter()
         .enumerate()
-        .filter_map(|(i, r)| route(c, &mut set, i, r))
+        .filter_map(|(i, r)| {
+            let at = At {
+                i,
+                path: format!("routes[{i}]"),
+                name: format!("route-{i}"),
+            };
+            route(c, &mut set, &at, r)
+        })
         .collect()
+}
+
+/// One route on its own (a Consul KV document): the same checks as a file route, with `path`
+/// as the key path prefix of its problems and `name` as its default name.
+pub(super) fn single(
+    c: &mut Problems,
+    raw: &RawRoute,
+    path: &str,
+    name: &str,
+    services: Services<'_>,
+) -> Option<RouteConfig> {
+    let mut set = RouteSet::new(services);
+    let at = At {
+        i: 0,
+        path: path.to_owned(),
+        name: name.to_owned(),
+    };
+    route(c, &mut set, &at, raw)
+}
+
+/// Where a route sits: its index among its set, the key path of its problems and the name it
+/// gets when it sets none.
+struct At {
+    i: usize,
+    path: String,
+    name: String,
 }
 
 /// `routes[i]`. Problems come in key order, and the checks against earlier routes run where
 /// their key is read, so a list of problems reads like the file.
-fn route(c: &mut Problems, set: &mut RouteSet<'_>, i: usize, r: &RawRoute) -> Option<RouteConfig> {
-    let rp = format!("routes[{i}]");
-    c.unknown(&rp, &r.unknown);
-    let name: Arc<str> = r
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("route-{i}"))
-        .into();
-    set.unique_name(c, &rp, &name);
-    let path = route_path(c, &rp, r.path.as_deref());
-    set.unique_path(c, &rp, i, &path);
-    let backend = backend(c, set, &rp, &name, r);
-    let policy = policy(c, &rp, &r.load_balancer);
-    let rewrite = path_rewrite(c, &rp, &r.path_rewrite);
+fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Option<RouteConfig> {
+    let (i, rp) = (at.i, at.path.as_str());
+    c.unknown(rp, &r.unknown);
+    let name: Arc<str> = r.name.clone().unwrap_or_else(|| at.name.clone()).into();
+    set.unique_name(c, rp, &name);
+    let path = route_path(c, rp, r.path.as_deref());
+    set.unique_path(c, rp, i, &path);
+    let backend = backend(c, set, rp, &name, r);
+    let policy = policy(c, rp, &r.load_balancer);
+    let rewrite = path_rewrite(c, rp, &r.path_rewrite);
     let timeout = c.duration_in(&format!("{rp}.timeout"), &r.timeout, limits::TIMEOUT);
     let request_headers = header_ops(c, &format!("{rp}.request_headers"), &r.request_headers);
     let response_headers = header_ops(c, &format!("{rp}.response_headers"), &r.response_headers);
@@ -85,9 +116,11 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, i: usize, r: &RawRoute) -> Op
         .stream_timeout
         .as_ref()
         .map(|t| c.duration_in(&format!("{rp}.stream_timeout"), t, limits::TIMEOUT));
-    let service_settings = service_settings(c, &rp, r);
-    set.one_owner(c, &rp, i, backend.as_ref(), &service_settings);
+    let service_settings = service_settings(c, rp, r);
+    set.one_owner(c, rp, i, backend.as_ref(), &service_settings);
+    let connect = connect(c, set, rp, r, backend.as_ref());
     Some(RouteConfig {
+        connect,
         name,
         path,
         backend: backend?,
@@ -107,6 +140,34 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, i: usize, r: &RawRoute) -> Op
         panic_threshold: r.panic_threshold,
         service_settings,
     })
+}
+
+/// `routes[i].connect`: only for a service found through Consul; the provider's default
+/// otherwise.
+fn connect(
+    c: &mut Problems,
+    set: &RouteSet<'_>,
+    rp: &str,
+    r: &RawRoute,
+    backend: Option<&Backend>,
+) -> bool {
+    let consul_service = match backend {
+        Some(Backend::Service(s)) => {
+            !set.services.static_only && !set.services.static_services.contains_key(s)
+        }
+        _ => false,
+    };
+    match r.connect {
+        Some(true) if !consul_service => {
+            c.err(
+                format!("{rp}.connect"),
+                "the mesh is only for a `service` found through Consul (discovery.provider = \"consul\"), not for targets or static services",
+            );
+            false
+        }
+        Some(on) => on,
+        None => consul_service && set.services.connect_default,
+    }
 }
 
 /// `routes[i].path`, normalised; a missing path is reported and `/` stands in.

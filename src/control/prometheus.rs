@@ -330,6 +330,15 @@ impl Collector for GatewayCollector {
             "1 once the service synced from Consul.",
             &consul_synced,
         )?;
+        gauge(
+            &mut enc,
+            "meshgate_kv_route_errors",
+            "Consul KV route keys currently invalid or clashing (see /status notes).",
+            &[(
+                Vec::new(),
+                state.kv_route_errors.load(Ordering::Relaxed) as f64,
+            )],
+        )?;
 
         // Counts every task the runtime has spawned and not yet finished (connections, splices,
         // watches, probes): a soak watches it for tasks that never end.
@@ -339,6 +348,40 @@ impl Collector for GatewayCollector {
                 "meshgate_runtime_alive_tasks",
                 "Tokio tasks alive now (spawned and not yet finished).",
                 &[(vec![], rt.metrics().num_alive_tasks() as f64)],
+            )?;
+        }
+
+        let denials: Vec<_> = table
+            .routes()
+            .iter()
+            .filter_map(|r| {
+                let m = r.mesh.as_ref()?;
+                Some((vec![("route", r.name.to_string())], m.denials()))
+            })
+            .collect();
+        if !denials.is_empty() {
+            counter(
+                &mut enc,
+                "meshgate_mesh_denials",
+                "Requests a mesh destination refused by intention (L7 403 or L4 close), by route",
+                &denials,
+            )?;
+        }
+        if let Some(mesh) = state.mesh.load_full() {
+            let id = vec![("identity", mesh.service.clone())];
+            if let Some(leaf) = mesh.leaf() {
+                gauge(
+                    &mut enc,
+                    "meshgate_mesh_leaf_expiry_seconds",
+                    "Seconds until the gateway's Connect leaf certificate expires",
+                    &[(id.clone(), leaf.seconds_left(std::time::SystemTime::now()))],
+                )?;
+            }
+            counter(
+                &mut enc,
+                "meshgate_mesh_rotations",
+                "Leaf renewals and CA root changes installed since start",
+                &[(id, mesh.rotations())],
             )?;
         }
 

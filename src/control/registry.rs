@@ -1,8 +1,9 @@
-//! The registry: turns the configured routes (plus routes declared by Consul tags) into live
+//! The registry: turns the configured routes (plus routes from Consul KV and tags) into live
 //! pools, routes, Consul watches and health probes, and republishes the route table whenever
-//! the configuration or the tag routes change. Writers serialise on a mutex; requests never see it.
+//! the configuration, KV or the tag routes change. Writers serialise on a mutex; requests never see it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -13,10 +14,14 @@ use tokio_util::task::TaskTracker;
 use super::{ControlState, LiveService, Source};
 use crate::balancer::{Policy, ServicePool};
 use crate::config::{Backend, Config, RouteConfig, ServiceSettings, StaticService};
-use crate::discovery::consul::{self, ConsulClient, ConsulError, ServiceSync, TagRoute};
+use crate::discovery::consul::{
+    self, ConsulClient, ConsulError, IdentitySyncs, ServiceSync, TagRoute,
+};
 use crate::discovery::Discovered;
 use crate::health::{HealthCallback, HealthCheck};
+use crate::mesh::MeshIdentity;
 use crate::proxy::client::{client_for, Transport};
+use crate::proxy::mesh::MeshUpstream;
 use crate::proxy::route::{ErrorHandler, Route, RouteTable};
 use crate::rules::limit::Limiter;
 use crate::rules::path::Rewrite;
@@ -27,6 +32,16 @@ struct Probe {
     /// TLS for `https` endpoints: the `upstream_tls` of a route on the service.
     tls: UpstreamTls,
     cancel: CancellationToken,
+}
+
+/// A watched Consul service and whether it is read through the mesh (`/v1/health/connect`).
+type WatchedService = (Arc<str>, bool);
+
+/// The mesh identity and the readiness of its watch.
+struct Mesh {
+    identity: Arc<MeshIdentity>,
+    syncs: Arc<IdentitySyncs>,
+    started: bool,
 }
 
 struct Inner {
@@ -41,8 +56,18 @@ struct Inner {
     routes: BTreeMap<Arc<str>, (RouteConfig, Arc<Route>)>,
     probes: BTreeMap<Arc<str>, Probe>,
     limiters: BTreeMap<Arc<str>, Arc<Limiter>>,
-    watching: Option<(Vec<Arc<str>>, CancellationToken)>,
+    watching: Option<(Vec<WatchedService>, CancellationToken)>,
+    /// The gateway's Connect identity and its watch, once a route needs the mesh.
+    mesh: Option<Mesh>,
     catalog_watch: Option<Arc<ServiceSync>>,
+    /// Documents under `discovery.consul.kv_prefix` by full key, as the KV watch last saw them.
+    kv_docs: BTreeMap<String, Vec<u8>>,
+    /// Per KV key, the last version that made it into the table: it stays while the key's
+    /// newer document is invalid or clashes.
+    kv_good: BTreeMap<String, RouteConfig>,
+    /// KV notes as last logged, so each problem is logged once per change, not per rebuild.
+    kv_logged: Vec<String>,
+    kv_watch: Option<Arc<ServiceSync>>,
 }
 
 /// Owns everything discovery-driven; see the module docs.
@@ -97,6 +122,11 @@ impl Registry {
                 limiters: BTreeMap::new(),
                 watching: None,
                 catalog_watch: None,
+                mesh: None,
+                kv_docs: BTreeMap::new(),
+                kv_good: BTreeMap::new(),
+                kv_logged: Vec::new(),
+                kv_watch: None,
             }),
             me: me.clone(),
         });
@@ -121,13 +151,20 @@ impl Registry {
     }
 
     /// The Consul sync states to wait for before the gateway is ready, plus the catalog's when
-    /// routes come from tags.
+    /// routes come from tags and the KV watch's when routes come from KV.
     pub fn pending_syncs(&self) -> Vec<Arc<ServiceSync>> {
         let inner = self.lock();
         inner
             .syncs
             .values()
             .chain(&inner.catalog_watch)
+            .chain(
+                inner
+                    .mesh
+                    .iter()
+                    .flat_map(|m| [&m.syncs.roots, &m.syncs.leaf]),
+            )
+            .chain(&inner.kv_watch)
             .cloned()
             .collect()
     }
@@ -229,6 +266,14 @@ impl Registry {
     }
 
     fn set_tag_routes(&self, catalog: BTreeMap<String, Vec<String>>) {
+        // Tag routes take the provider's mesh default, as configured routes do.
+        let connect = self
+            .lock()
+            .config
+            .discovery
+            .consul
+            .as_ref()
+            .is_some_and(|c| c.connect.enabled);
         let mut routes = Vec::new();
         let mut notes = Vec::new();
         for (service, tags) in &catalog {
@@ -240,7 +285,10 @@ impl Registry {
             );
             for t in found {
                 match tag_route(&t) {
-                    Ok(r) => routes.push(r),
+                    Ok(mut r) => {
+                        r.connect = connect;
+                        routes.push(r);
+                    }
                     Err(note) => notes.push(note),
                 }
             }
@@ -257,15 +305,35 @@ impl Registry {
         self.apply(true);
     }
 
-    /// Recomputes everything from the current config and tag routes and publishes it.
+    /// Installs the documents under the KV prefix (the whole set, so a missing key was deleted)
+    /// and rebuilds the table.
+    fn set_kv_routes(&self, docs: BTreeMap<String, Vec<u8>>) {
+        {
+            let mut inner = self.lock();
+            inner.kv_good.retain(|key, _| docs.contains_key(key));
+            inner.kv_docs = docs;
+        }
+        self.apply(true);
+    }
+
+    /// Recomputes everything from the current config, KV and tag routes and publishes it.
     fn apply(&self, spawn: bool) {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let cfg = &inner.config;
 
-        // Config routes win over tag routes on the same path or name.
+        // Config routes win over KV routes, and both over tag routes, on the same path or name.
+        let mut all: Vec<RouteConfig> = inner.config.routes.clone();
+        let kv_notes = kv_routes(inner, &mut all);
+        let kv_errors = kv_notes.len();
+        for n in kv_notes.iter().filter(|n| !inner.kv_logged.contains(n)) {
+            tracing::warn!(problem = %n, "route from Consul KV not applied as written");
+        }
+        inner.kv_logged.clone_from(&kv_notes);
+        self.control
+            .kv_route_errors
+            .store(kv_errors, Ordering::Relaxed);
+        let cfg = &inner.config;
         let mut notes: Vec<String> = inner.notes.clone();
-        let mut all: Vec<RouteConfig> = cfg.routes.clone();
         let mut from_tags: BTreeSet<Arc<str>> = BTreeSet::new();
         for t in &inner.tag_routes {
             if let Some(c) = all.iter().find(|r| r.path == t.path || r.name == t.name) {
@@ -286,6 +354,7 @@ impl Registry {
         for n in notes.iter().skip(inner.notes.len()) {
             tracing::warn!(conflict = %n, "route conflict");
         }
+        notes.extend(kv_notes);
 
         // Consul services reached over TLS when a route on them configures upstream_tls.
         let tls_services: Vec<Arc<str>> = all
@@ -293,6 +362,23 @@ impl Registry {
             .filter(|r| r.upstream_tls.is_some() && matches!(r.backend, Backend::Service(_)))
             .map(|r| r.service_name().clone())
             .collect();
+        // Services reached through the mesh (Connect mTLS to their sidecars).
+        let mesh_services: BTreeSet<Arc<str>> = all
+            .iter()
+            .filter(|r| r.connect && matches!(r.backend, Backend::Service(_)))
+            .map(|r| r.service_name().clone())
+            .collect();
+        if !mesh_services.is_empty() && inner.mesh.is_none() {
+            if let Some(settings) = &cfg.discovery.consul {
+                let identity = Arc::new(MeshIdentity::new(settings.connect.service.clone()));
+                self.control.mesh.store(Some(identity.clone()));
+                inner.mesh = Some(Mesh {
+                    identity,
+                    syncs: Arc::default(),
+                    started: false,
+                });
+            }
+        }
         // What probes of a service speak TLS with: the first route on it that sets upstream_tls.
         let mut probe_tls: BTreeMap<Arc<str>, UpstreamTls> = BTreeMap::new();
         for r in &all {
@@ -337,7 +423,9 @@ impl Registry {
         for (name, (_, fixed, settings)) in &wanted {
             let scheme = match fixed {
                 Some(f) => f.scheme.clone(),
-                None if tls_services.contains(name) => Scheme::HTTPS,
+                None if tls_services.contains(name) || mesh_services.contains(name) => {
+                    Scheme::HTTPS
+                }
                 None => Scheme::HTTP,
             };
             let pool = match inner.pools.get(name) {
@@ -396,7 +484,22 @@ impl Registry {
                         .is_some_and(|f| f.h2c);
                     let mut route =
                         Route::new(r, pool, self.handlers.get(&*r.name).cloned(), limiter);
-                    self.route_clients(&mut route, r, h2c, &inner.config.upstream);
+                    match (&inner.mesh, r.connect) {
+                        (Some(mesh), true) => {
+                            route.mesh = Some(MeshUpstream::new(
+                                mesh.identity.clone(),
+                                r.service_name().clone(),
+                                inner
+                                    .config
+                                    .discovery
+                                    .consul
+                                    .as_ref()
+                                    .and_then(|c| c.datacenter.clone()),
+                                inner.config.upstream.clone(),
+                            ));
+                        }
+                        _ => self.route_clients(&mut route, r, h2c, &inner.config.upstream),
+                    }
                     route.metrics.set_enabled(inner.config.metrics_enabled);
                     Arc::new(route)
                 }
@@ -423,6 +526,11 @@ impl Registry {
         inner.syncs = syncs;
 
         if spawn {
+            self.spawn_identity(inner);
+            let consul_services: Vec<(Arc<str>, bool)> = consul_services
+                .iter()
+                .map(|n| (n.clone(), mesh_services.contains(n)))
+                .collect();
             self.spawn_watches(inner, &consul_services);
             self.spawn_probes(inner, &wanted, &probe_tls);
         }
@@ -476,7 +584,24 @@ impl Registry {
         }
     }
 
-    fn spawn_watches(&self, inner: &mut Inner, consul_services: &[Arc<str>]) {
+    /// Starts watching the CA roots and the gateway's leaf, once.
+    fn spawn_identity(&self, inner: &mut Inner) {
+        let (Some(client), Some(mesh)) = (&self.consul, &mut inner.mesh) else {
+            return;
+        };
+        if mesh.started {
+            return;
+        }
+        mesh.started = true;
+        self.tracker.spawn(consul::watch_identity(
+            client.clone(),
+            mesh.identity.clone(),
+            mesh.syncs.clone(),
+            self.background.child_token(),
+        ));
+    }
+
+    fn spawn_watches(&self, inner: &mut Inner, consul_services: &[(Arc<str>, bool)]) {
         let Some(client) = &self.consul else { return };
         let settings = inner.config.discovery.consul.clone();
         if settings.as_ref().is_some_and(|s| s.routes_from_tags) && inner.catalog_watch.is_none() {
@@ -494,6 +619,24 @@ impl Registry {
                 cancel,
             ));
             inner.catalog_watch = Some(sync);
+        }
+        let kv_prefix = settings.as_ref().and_then(|s| s.kv_prefix.clone());
+        if let (Some(prefix), None) = (kv_prefix, &inner.kv_watch) {
+            let cancel = self.background.child_token();
+            let me = self.me.clone();
+            let sync = Arc::new(ServiceSync::new());
+            self.tracker.spawn(consul::watch_kv(
+                client.clone(),
+                prefix.into(),
+                sync.clone(),
+                move |docs| {
+                    if let Some(r) = me.upgrade() {
+                        r.set_kv_routes(docs);
+                    }
+                },
+                cancel,
+            ));
+            inner.kv_watch = Some(sync);
         }
         if inner
             .watching
@@ -513,7 +656,7 @@ impl Registry {
         let cancel = self.background.child_token();
         let watches: Vec<consul::ServiceWatch> = consul_services
             .iter()
-            .map(|name| {
+            .map(|(name, connect)| {
                 let sync = inner.syncs[name].clone();
                 let (me, service, own) = (self.me.clone(), name.clone(), sync.clone());
                 let publish = move |eps: Vec<Discovered>| {
@@ -521,7 +664,7 @@ impl Registry {
                         registry.publish_consul(&service, &own, eps);
                     }
                 };
-                consul::ServiceWatch::new(name.clone(), sync, publish)
+                consul::ServiceWatch::new(name.clone(), sync, publish).connect(*connect)
             })
             .collect();
         let max = settings.map_or(64, |s| s.max_watches);
@@ -556,6 +699,7 @@ impl Registry {
                 .config
                 .routes
                 .iter()
+                .chain(inner.kv_good.values())
                 .any(|r| r.service_name() == service);
             // Gone from Consul and only reachable through tag routes: keep the endpoints, so
             // the route and its pool leave together in the next swap instead of the route
@@ -568,7 +712,9 @@ impl Registry {
                 tracing::info!(service = %service, "Consul lists no instance of the service; its tag routes wait for it");
             }
             let was = inner.answered.insert(service.clone(), registered);
-            was != Some(registered) && inner.tag_routes.iter().any(|t| t.service_name() == service)
+            was != Some(registered)
+                && (inner.tag_routes.iter().any(|t| t.service_name() == service)
+                    || inner.kv_good.values().any(|r| r.service_name() == service))
         };
         if republish {
             self.apply(true);
@@ -631,6 +777,81 @@ impl Drop for Registry {
     fn drop(&mut self) {
         self.background.cancel();
     }
+}
+
+/// Adds the KV routes to `all` (the configured routes) in key order and returns one note per
+/// key in error. Each key stands alone: its current document if valid and clash-free, else its
+/// last good version if that fits, else nothing.
+fn kv_routes(inner: &mut Inner, all: &mut Vec<RouteConfig>) -> Vec<String> {
+    let configured = inner.config.routes.len();
+    let mut notes = Vec::new();
+    for (key, doc) in &inner.kv_docs {
+        let clash = |all: &[RouteConfig], r: &RouteConfig| {
+            all.iter()
+                .position(|o| o.path == r.path || o.name == r.name)
+                .map(|i| {
+                    let whose = if i < configured {
+                        "configured route"
+                    } else {
+                        "route from KV"
+                    };
+                    format!(
+                        "route {} ({}) clashes with {whose} {} ({}), which wins",
+                        r.name, r.path, all[i].name, all[i].path
+                    )
+                })
+        };
+        let (current, problem) = match crate::config::kv_route(key, doc, &inner.config) {
+            Ok(r) => match clash(all, &r) {
+                None => (Some(r), None),
+                Some(why) => (None, Some(why)),
+            },
+            Err(problems) => {
+                let text: Vec<String> = problems
+                    .iter()
+                    .map(|p| match p.path.as_str() {
+                        "" => p.message.clone(),
+                        path => format!("{path}: {}", p.message),
+                    })
+                    .collect();
+                (None, Some(text.join("; ")))
+            }
+        };
+        let placed = match current {
+            Some(r) => Some(r),
+            None => inner
+                .kv_good
+                .get(key)
+                .filter(|g| clash(all, g).is_none())
+                .cloned(),
+        };
+        if let Some(problem) = problem {
+            let outcome = if placed.is_some() {
+                "its last good version stays"
+            } else {
+                "left out"
+            };
+            notes.push(format!("KV key {key}: {problem}; {outcome}"));
+        }
+        match placed {
+            Some(r) => {
+                if let Backend::Service(svc) = &r.backend {
+                    let from_consul = !inner.config.discovery.static_services.contains_key(svc);
+                    if from_consul && inner.answered.get(svc) == Some(&false) {
+                        notes.push(format!(
+                            "KV key {key}: service {svc} is unknown to Consul; the route answers 503 until it is registered"
+                        ));
+                    }
+                }
+                inner.kv_good.insert(key.clone(), r.clone());
+                all.push(r);
+            }
+            None => {
+                inner.kv_good.remove(key);
+            }
+        }
+    }
+    notes
 }
 
 /// A route declared by Consul tags, with the gateway's defaults for everything else.

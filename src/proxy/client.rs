@@ -60,7 +60,8 @@ pub fn client_for(
     ))
 }
 
-fn build(
+/// Builds a client with a ready TLS configuration, sending `server_name` as SNI.
+pub fn build(
     cfg: &UpstreamConfig,
     tls: rustls::ClientConfig,
     server_name: Option<String>,

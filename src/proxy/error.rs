@@ -38,6 +38,33 @@ impl UpstreamError {
             Self::Request(_) => false,
         }
     }
+
+    /// The upstream closed the connection before any response byte (what a sidecar's L4
+    /// intention deny looks like after the handshake).
+    pub fn closed_before_response(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if e.downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_incomplete_message())
+            {
+                return true;
+            }
+            // Over TLS, a close without close_notify surfaces as an I/O error instead.
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                ) {
+                    return true;
+                }
+            }
+            cur = e.source();
+        }
+        false
+    }
 }
 
 /// A request-path failure. Mapped to a status exactly once, in [`ProxyError::status`].
@@ -137,6 +164,29 @@ pub enum ProxyError {
         /// The endpoint.
         addr: Authority,
     },
+    /// The destination's sidecar refused the gateway's identity: an L7 intention answered
+    /// `403 RBAC: access denied`, or an L4 one closed the connection without an answer.
+    #[error("the mesh refused {identity} -> {service} ({})", if *.l7 { "L7 403" } else { "L4 close" })]
+    MeshDenied {
+        /// The gateway's identity name.
+        identity: String,
+        /// The destination service.
+        service: Arc<str>,
+        /// An HTTP 403 rather than a closed connection.
+        l7: bool,
+    },
+    /// A mesh route was asked before the gateway's Connect identity (leaf and roots) loaded.
+    #[error("the mesh identity {identity} has not loaded yet")]
+    MeshUnavailable {
+        /// The gateway's identity name.
+        identity: String,
+    },
+    /// The gateway's leaf certificate expired and Consul has not renewed it.
+    #[error("the mesh certificate of {identity} expired")]
+    MeshCertExpired {
+        /// The gateway's identity name.
+        identity: String,
+    },
 }
 
 impl From<RequestBodyError> for ProxyError {
@@ -196,6 +246,10 @@ impl ProxyError {
             Self::InvalidHead { source } => source.status(),
             Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             Self::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
+            Self::MeshUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MeshDenied { l7: true, .. } => StatusCode::FORBIDDEN,
+            Self::MeshDenied { l7: false, .. } => StatusCode::BAD_GATEWAY,
+            Self::MeshCertExpired { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -215,7 +269,10 @@ impl ProxyError {
             | Self::Connect { .. }
             | Self::UpstreamTimeout { .. }
             | Self::Upstream { .. }
-            | Self::UnexpectedUpgrade { .. } => false,
+            | Self::UnexpectedUpgrade { .. }
+            | Self::MeshUnavailable { .. }
+            | Self::MeshDenied { .. }
+            | Self::MeshCertExpired { .. } => false,
         }
     }
 
@@ -243,6 +300,17 @@ impl ProxyError {
             Self::UnexpectedUpgrade { .. } => {
                 "the upstream service switched protocols unasked".into()
             }
+            Self::MeshUnavailable { identity } => format!(
+                "the gateway's mesh identity {identity} has not loaded from Consul yet; retry later"
+            ),
+            Self::MeshDenied {
+                identity, service, ..
+            } => format!(
+                "the service mesh refused the gateway: check that an intention allows {identity} to call {service}"
+            ),
+            Self::MeshCertExpired { identity } => format!(
+                "the gateway's mesh certificate ({identity}) expired and Consul has not renewed it"
+            ),
         }
     }
 }

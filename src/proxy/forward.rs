@@ -128,6 +128,11 @@ pub async fn forward(
         )
         .await?;
         match decide(route, ex, outcome, &payload, safe_to_resend, &mut tries) {
+            Decision::Done(Ok(resp))
+                if resp.status() == StatusCode::FORBIDDEN && route.mesh.is_some() =>
+            {
+                return l7_denial(route, ex, resp).await.map(strip_hop_by_hop);
+            }
             Decision::Done(result) => return result.map(strip_hop_by_hop),
             Decision::Retry(pause) => {
                 if !pause.is_zero() {
@@ -248,10 +253,16 @@ async fn attempt(
         Some(t) => ex.deadline.min(Instant::now() + t),
         None => ex.deadline,
     };
+    let mesh = match &route.mesh {
+        Some(m) => Some(m.clients()?),
+        None => None,
+    };
     let sent = Instant::now();
-    let client = match (&ex.upgrade, &route.upgrade_client, &route.client) {
-        (Some(_), Some(c), _) => c,
-        (_, _, Some(c)) => c,
+    let client = match (&mesh, &ex.upgrade, &route.upgrade_client, &route.client) {
+        (Some(m), Some(_), _, _) => &m.http1,
+        (Some(m), None, _, _) => &m.client,
+        (None, Some(_), Some(c), _) => c,
+        (None, _, _, Some(c)) => c,
         _ => client,
     };
     let mut reuse = None;
@@ -293,6 +304,15 @@ async fn attempt(
                 Ok(e) => return Err(e),
                 Err(source) => source,
             };
+            // A mesh handshake that succeeded, then a close before any answer: the
+            // destination's L4 intention refused the gateway. Another instance would too, and
+            // the endpoint is healthy, so it is neither retried nor charged.
+            if let Some(mesh) = &route.mesh {
+                if !source.is_connect() && source.closed_before_response() {
+                    mesh.record_denial();
+                    return Err(mesh_denied(route, mesh, false));
+                }
+            }
             lease.record_failure();
             route.pool.report(&ep, Outcome::GatewayFailure);
             if source.is_connect() {
@@ -486,6 +506,48 @@ fn tunnel(
                 addr: ep.authority.clone(),
             })
         }
+    }
+}
+
+/// A 403 from a mesh destination: when its body is the sidecar's own `RBAC: access denied`, an
+/// L7 intention refused the gateway (answered with the gateway's own 403 naming the likely
+/// cause); any other 403 is the service's and goes back as it was.
+async fn l7_denial(
+    route: &Route,
+    ex: &Exchange<'_>,
+    resp: Response<ResponseBody>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    const RBAC: &[u8] = b"RBAC: access denied";
+    let small = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= 64);
+    if !small {
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let read = http_body_util::BodyExt::collect(body);
+    let bytes = match tokio::time::timeout_at(ex.deadline, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        // The short body failed: what the client gets is the status with no body.
+        _ => Bytes::new(),
+    };
+    if let Some(mesh) = &route.mesh {
+        if bytes.trim_ascii() == RBAC {
+            mesh.record_denial();
+            return Err(mesh_denied(route, mesh, true));
+        }
+    }
+    Ok(Response::from_parts(parts, ResponseBody::full(bytes)))
+}
+
+fn mesh_denied(route: &Route, mesh: &super::mesh::MeshUpstream, l7: bool) -> ProxyError {
+    ProxyError::MeshDenied {
+        identity: mesh.identity().service.clone(),
+        service: route.pool.name().clone(),
+        l7,
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Route {
     pub client: Option<super::client::UpstreamClient>,
     /// An HTTP/1.1-only client for protocol upgrades to TLS upstreams (ALPN could pick h2).
     pub upgrade_client: Option<super::client::UpstreamClient>,
+    /// The mesh destination when the route's service is reached over Connect mTLS.
+    pub mesh: Option<super::mesh::MeshUpstream>,
     /// Relay HTTP/1.1 upgrades (WebSocket).
     pub websocket: bool,
     /// Close an upgraded connection after this much silence.
@@ -94,6 +96,7 @@ impl Route {
             metrics: Default::default(),
             client: None,
             upgrade_client: None,
+            mesh: None,
             websocket: cfg.websocket,
             websocket_idle_timeout: cfg.websocket_idle_timeout,
             rewrite: cfg.rewrite.clone(),

@@ -86,6 +86,8 @@ pub struct RouteConfig {
     pub max_body: Option<u64>,
     /// TLS to `https`/`wss` targets.
     pub upstream_tls: Option<crate::tls::UpstreamTls>,
+    /// Reach the service through the Consul service mesh (Connect mTLS to its sidecars).
+    pub connect: bool,
     /// Relay HTTP/1.1 upgrades.
     pub websocket: bool,
     /// Idle limit for upgraded connections.
@@ -116,6 +118,7 @@ impl RouteConfig {
             error: None,
             max_body: None,
             upstream_tls: None,
+            connect: false,
             websocket: true,
             websocket_idle_timeout: None,
             retry: RetryPolicy::default(),

@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{
+    HeaderName, HeaderValue, ACCEPT_ENCODING, ALLOW, CONTENT_ENCODING, CONTENT_TYPE,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -25,6 +27,13 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+
+mod ca;
+mod filter;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use ca::{colon_hex, pem_blocks, service_uri, uri_sans, TestCa, DEFAULT_LEAF_TTL};
 
 /// Consul version the emulator claims in node meta (matches the main real capture).
 const CONSUL_VERSION: &str = "1.16.2";
@@ -157,6 +166,12 @@ pub struct Registration {
     pub node: Option<String>,
     /// Node address when `node` is new; `None` means [`EmulatorOptions::node_address`].
     pub node_address: Option<String>,
+    /// `Service.Kind` (`""` for a typical service, `"connect-proxy"` for a sidecar).
+    pub kind: String,
+    /// `Service.Proxy.DestinationServiceName` (and `...ID`) of a sidecar.
+    pub proxy_destination: Option<String>,
+    /// `Service.Connect.Native`.
+    pub connect_native: bool,
 }
 
 impl Registration {
@@ -177,7 +192,24 @@ impl Registration {
             meta: HashMap::new(),
             node: None,
             node_address: None,
+            kind: String::new(),
+            proxy_destination: None,
+            connect_native: false,
         }
+    }
+
+    /// Makes the instance a `connect-proxy` sidecar for service `destination` (found by
+    /// `/v1/health/connect/<destination>`).
+    pub fn sidecar_for(mut self, destination: impl Into<String>) -> Self {
+        self.kind = "connect-proxy".to_owned();
+        self.proxy_destination = Some(destination.into());
+        self
+    }
+
+    /// Marks the instance `Connect.Native` (found by `/v1/health/connect/<name>`).
+    pub fn connect_native(mut self) -> Self {
+        self.connect_native = true;
+        self
     }
 
     /// Replaces the tags.
@@ -296,6 +328,75 @@ struct ServerTask {
 // === impl ConsulEmulator ===
 
 impl ConsulEmulator {
+    /// The Connect trust domain, `<uuid>.consul`.
+    pub fn trust_domain(&self) -> String {
+        self.shared.state().ca.trust_domain.clone()
+    }
+
+    /// `spiffe://<td>/ns/default/dc/<dc>/svc/<service>`.
+    pub fn service_uri(&self, service: &str) -> String {
+        service_uri(&self.trust_domain(), &self.shared.opts.datacenter, service)
+    }
+
+    /// Every listed root certificate (active or not), concatenated PEM.
+    pub fn roots_pem(&self) -> String {
+        self.shared.state().ca.roots_pem()
+    }
+
+    /// `(cert chain PEM, SEC1 key PEM)` of a fresh leaf for `service` from the active root
+    /// (chain = leaf + the active root's intermediates), without touching the agent's cache.
+    pub fn issue_leaf(&self, service: &str) -> (String, String) {
+        let (chain, key, _, _) = self.shared.state().ca.mint(service);
+        (chain, key)
+    }
+
+    /// A separate CA whose leaves claim valid SPIFFE IDs of this trust domain.
+    pub fn foreign_ca(&self) -> TestCa {
+        TestCa::new(&self.trust_domain(), &self.shared.opts.datacenter)
+    }
+
+    /// CA rotation: a new active root (the old one stays listed, inactive); with
+    /// `cross_sign` the old root signs the new one and that certificate rides in the new
+    /// root's `IntermediateCerts` and every new leaf's `CertPEM`. Cached leaves are re-issued
+    /// at once (the agent's `[0, 30s)` jitter is left out). Returns the write's index.
+    pub fn rotate_root(&self, cross_sign: bool) -> u64 {
+        self.shared.write(|st| {
+            let idx = st.next_index();
+            st.ca.rotate(cross_sign, idx);
+            idx
+        })
+    }
+
+    /// Removes rotated-out roots (what the leader's pruner does after 2 x leaf TTL).
+    /// Returns the write's index, or the current one if nothing was pruned.
+    pub fn prune_old_roots(&self) -> u64 {
+        self.shared.write(|st| {
+            if st.ca.has_inactive() {
+                let idx = st.next_index();
+                st.ca.prune(idx);
+            }
+            st.raft
+        })
+    }
+
+    /// Re-issues `service`'s leaf now (new key, serial and higher `ModifyIndex`), waking
+    /// its blocked leaf queries. Returns the new `ModifyIndex`.
+    pub fn force_renew_leaf(&self, service: &str) -> u64 {
+        self.shared.write(|st| {
+            let idx = st.next_index();
+            st.ca.issue(service, idx);
+            idx
+        })
+    }
+
+    /// Lifetime of leaves issued from now on (default 72h). NotBefore is now-1m, so a TTL
+    /// under a minute issues already expired leaves, as Consul would.
+    pub fn set_leaf_ttl(&self, ttl: Duration) {
+        self.shared.state().ca.set_leaf_ttl(ttl);
+    }
+}
+
+impl ConsulEmulator {
     /// Starts with [`EmulatorOptions::default`] on `127.0.0.1:0`.
     pub async fn start() -> Self {
         Self::start_with(EmulatorOptions::default()).await
@@ -355,6 +456,11 @@ impl ConsulEmulator {
             port: r.port,
             weights: r.weights.unwrap_or((1, 1)),
             enable_tag_override: false,
+            mesh: Mesh {
+                kind: r.kind,
+                destination: r.proxy_destination,
+                native: r.connect_native,
+            },
         };
         let check = CheckDef {
             id: format!("service:{}", r.id),
@@ -374,6 +480,25 @@ impl ConsulEmulator {
     /// IDs are a no-op that returns the current index.
     pub fn deregister(&self, service_id: &str) -> u64 {
         self.shared.write(|st| st.deregister_everywhere(service_id))
+    }
+
+    /// Forgets every service registered on the agent's own node, as an agent restarted
+    /// without its data directory does. Returns the index of the last write.
+    pub fn forget_agent_services(&self) -> u64 {
+        let node = self.shared.opts.node.clone();
+        self.shared.write(|st| {
+            let ids: Vec<String> = st
+                .services
+                .keys()
+                .filter(|(n, _)| *n == node)
+                .map(|(_, id)| id.clone())
+                .collect();
+            let idx = st.next_index();
+            for id in ids {
+                st.remove_service(&node, &id, idx);
+            }
+            idx
+        })
     }
 
     /// Sets status (`passing`, `warning` or `critical`) and output of check `service:<id>` of
@@ -748,6 +873,8 @@ struct State {
     failures: VecDeque<Failure>,
     /// TTL timers to start once the lock is released.
     ttl_arms: Vec<TtlArm>,
+    /// The Connect CA (roots and the agent's cached leaves).
+    ca: ca::Ca,
 }
 
 #[derive(Debug, Clone)]
@@ -772,9 +899,27 @@ struct ServiceDef {
     port: u16,
     weights: (u32, u32),
     enable_tag_override: bool,
+    mesh: Mesh,
+}
+
+/// The Connect side of a service instance (CONNECT.md §4.3).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Mesh {
+    /// `Kind`: `""` or `connect-proxy`.
+    kind: String,
+    /// `Proxy.DestinationServiceName` of a sidecar.
+    destination: Option<String>,
+    /// `Connect.Native`.
+    native: bool,
 }
 
 impl ServiceDef {
+    /// Whether `/v1/health/connect/<name>` lists this instance (§4.1).
+    fn serves_mesh(&self, name: &str) -> bool {
+        (self.mesh.kind == "connect-proxy" && self.mesh.destination.as_deref() == Some(name))
+            || (self.name == name && self.mesh.native)
+    }
+
     /// Same catalog content (the node address only matters when the node is created).
     fn same(&self, other: &Self) -> bool {
         Self {
@@ -959,6 +1104,11 @@ impl State {
             latency: Duration::ZERO,
             failures: VecDeque::new(),
             ttl_arms: Vec::new(),
+            ca: ca::Ca::new(
+                &format!("cluster/{}", fastrand::u64(..)),
+                &opts.datacenter,
+                BOOTSTRAP_INDEX,
+            ),
         };
         let idx = st.next_index();
         st.create_node(&opts.node, &opts.node_address, idx);
@@ -988,6 +1138,7 @@ impl State {
                 port: 8300,
                 weights: (1, 1),
                 enable_tag_override: false,
+                mesh: Mesh::default(),
             };
             st.put_service(def, idx);
         }
@@ -1422,6 +1573,7 @@ impl State {
         }
         self.tombstones.values_mut().for_each(clamp);
         self.service_index.values_mut().for_each(clamp);
+        self.ca.restore(index);
         for v in [
             &mut self.nodes_index,
             &mut self.services_index,
@@ -1449,6 +1601,22 @@ impl State {
         self.nodes_index
             .max(self.services_index)
             .max(self.checks_index)
+    }
+
+    /// `X-Consul-Index` of `/v1/health/connect/<name>`: the highest index of the service
+    /// names in the answer, else the extinction (or table) index (CONNECT.md §4.1).
+    fn health_connect_index(&self, name: &str) -> u64 {
+        let names: HashSet<&str> = self
+            .services
+            .values()
+            .filter(|s| s.def.serves_mesh(name))
+            .map(|s| s.def.name.as_str())
+            .collect();
+        names
+            .iter()
+            .filter_map(|n| self.service_index.get(*n).copied())
+            .max()
+            .unwrap_or_else(|| self.health_service_index(""))
     }
 
     /// Index of a KV read of `prefix` (`list`) or of exactly `key`.
@@ -1538,7 +1706,15 @@ struct WeightsJson {
 
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
-struct ProxyJson {
+struct ProxyJson<'a> {
+    // `omitempty` in Consul: only sidecars carry a destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination_service_name: Option<&'a str>,
+    #[serde(
+        rename = "DestinationServiceID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    destination_service_id: Option<&'a str>,
     mode: &'static str,
     mesh_gateway: Empty,
     expose: Empty,
@@ -1547,6 +1723,9 @@ struct ProxyJson {
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct ServiceJson<'a> {
+    // `omitempty` in Consul: typical services have no `Kind`.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    kind: &'a str,
     #[serde(rename = "ID")]
     id: &'a str,
     service: &'a str,
@@ -1559,11 +1738,19 @@ struct ServiceJson<'a> {
     port: u16,
     weights: WeightsJson,
     enable_tag_override: bool,
-    proxy: ProxyJson,
-    connect: Empty,
+    proxy: ProxyJson<'a>,
+    connect: ConnectJson,
     peer_name: &'static str,
     create_index: u64,
     modify_index: u64,
+}
+
+/// `Connect`: `{}` unless the instance is Connect-native.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConnectJson {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    native: bool,
 }
 
 #[derive(Serialize)]
@@ -1632,6 +1819,7 @@ fn node_json<'a>(name: &'a str, node: &'a Node, dc: &'a str) -> NodeJson<'a> {
 
 fn service_json(s: &Service) -> ServiceJson<'_> {
     ServiceJson {
+        kind: &s.def.mesh.kind,
         id: &s.def.id,
         service: &s.def.name,
         tags: &s.def.tags,
@@ -1657,15 +1845,24 @@ fn service_json(s: &Service) -> ServiceJson<'_> {
             warning: s.def.weights.1,
         },
         enable_tag_override: s.def.enable_tag_override,
-        proxy: ProxyJson {
-            mode: "",
-            mesh_gateway: Empty {},
-            expose: Empty {},
+        proxy: proxy_json(&s.def),
+        connect: ConnectJson {
+            native: s.def.mesh.native,
         },
-        connect: Empty {},
         peer_name: "",
         create_index: s.create_index,
         modify_index: s.modify_index,
+    }
+}
+
+fn proxy_json(def: &ServiceDef) -> ProxyJson<'_> {
+    let dest = def.mesh.destination.as_deref();
+    ProxyJson {
+        destination_service_name: dest,
+        destination_service_id: dest,
+        mode: "",
+        mesh_gateway: Empty {},
+        expose: Empty {},
     }
 }
 
@@ -2331,6 +2528,7 @@ async fn handle(
         headers: parts.headers,
         body,
     };
+    let gzip = accepts_gzip(&req.headers);
     let injected = take_failure(&mut shared.state().failures, &raw_path);
     let reply = if let Some((status, body)) = injected {
         let reply = Reply::text(status, body);
@@ -2347,7 +2545,37 @@ async fn handle(
         route(&shared, &req).await?
     };
     hold_answer(&shared, &raw_path).await;
+    let reply = if gzip { gzip_reply(reply) } else { reply };
     Ok(finish(&shared, reply))
+}
+
+/// Consul's agent wraps every handler in a gzip handler with no minimum size, so any answer
+/// with a body is compressed when the client asked for gzip.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let refused = parts.any(|p| p.replace(' ', "") == "q=0");
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+fn gzip_reply(mut reply: Reply) -> Reply {
+    if reply.body.is_empty() {
+        return reply;
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut encoder, &reply.body).expect("gzip into memory");
+    reply.body = Bytes::from(encoder.finish().expect("gzip into memory"));
+    reply
+        .headers
+        .push((CONTENT_ENCODING, HeaderValue::from_static("gzip")));
+    reply
 }
 
 /// Waits while a [`ConsulEmulator::hold_answers`] prefix matches `path`.
@@ -2373,9 +2601,14 @@ fn take_failure(rules: &mut VecDeque<Failure>, path: &str) -> Option<(StatusCode
 }
 
 fn is_blocking_read(path: &str) -> bool {
-    ["/v1/health/", "/v1/catalog/", "/v1/kv/"]
-        .iter()
-        .any(|p| path.starts_with(p))
+    [
+        "/v1/health/",
+        "/v1/catalog/",
+        "/v1/kv/",
+        "/v1/agent/connect/ca/",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
 }
 
 /// `X-Consul-Effective-Consistency` for the flags sent (validity is checked elsewhere).
@@ -2446,6 +2679,10 @@ const KV_METHODS: &[Method] = &[Method::GET, Method::PUT, Method::DELETE];
 
 enum Route<'a> {
     HealthService(&'a str),
+    HealthConnect(&'a str),
+    CatalogService(&'a str),
+    ConnectRoots,
+    ConnectLeaf(&'a str),
     HealthState(&'a str),
     CatalogServices,
     Kv(&'a str),
@@ -2453,14 +2690,18 @@ enum Route<'a> {
     StatusPeers,
     AgentRegister,
     AgentDeregister(&'a str),
+    AgentService(&'a str),
     CheckUpdate(&'static str, &'a str),
     ServiceMaintenance(&'a str),
     NodeMaintenance,
 }
 
 fn match_route(path: &str) -> Option<(Route<'_>, &'static [Method])> {
-    let prefixed: [(&str, &'static [Method]); 9] = [
+    let prefixed: [(&str, &'static [Method]); 13] = [
         ("/v1/health/service/", GET),
+        ("/v1/health/connect/", GET),
+        ("/v1/catalog/service/", GET),
+        ("/v1/agent/connect/ca/leaf/", GET),
         ("/v1/health/state/", GET),
         ("/v1/kv/", KV_METHODS),
         ("/v1/agent/service/deregister/", PUT),
@@ -2469,13 +2710,21 @@ fn match_route(path: &str) -> Option<(Route<'_>, &'static [Method])> {
         ("/v1/agent/check/warn/", PUT),
         ("/v1/agent/check/fail/", PUT),
         ("/v1/agent/check/update/", PUT),
+        ("/v1/agent/service/", GET),
     ];
     for (prefix, methods) in prefixed {
         let Some(rest) = path.strip_prefix(prefix) else {
             continue;
         };
+        // `/v1/agent/service/register` is an exact route, matched below.
+        if prefix == "/v1/agent/service/" && rest == "register" {
+            continue;
+        }
         let route = match prefix {
             "/v1/health/service/" => Route::HealthService(rest),
+            "/v1/health/connect/" => Route::HealthConnect(rest),
+            "/v1/catalog/service/" => Route::CatalogService(rest),
+            "/v1/agent/connect/ca/leaf/" => Route::ConnectLeaf(rest),
             "/v1/health/state/" => Route::HealthState(rest),
             "/v1/kv/" => Route::Kv(rest),
             "/v1/agent/service/deregister/" => Route::AgentDeregister(rest),
@@ -2483,12 +2732,14 @@ fn match_route(path: &str) -> Option<(Route<'_>, &'static [Method])> {
             "/v1/agent/check/pass/" => Route::CheckUpdate("passing", rest),
             "/v1/agent/check/warn/" => Route::CheckUpdate("warning", rest),
             "/v1/agent/check/fail/" => Route::CheckUpdate("critical", rest),
+            "/v1/agent/service/" => Route::AgentService(rest),
             _ => Route::CheckUpdate("", rest),
         };
         return Some((route, methods));
     }
     Some(match path {
         "/v1/catalog/services" => (Route::CatalogServices, GET),
+        "/v1/agent/connect/ca/roots" => (Route::ConnectRoots, GET),
         "/v1/status/leader" => (Route::StatusLeader, GET),
         "/v1/status/peers" => (Route::StatusPeers, GET),
         "/v1/agent/service/register" => (Route::AgentRegister, PUT),
@@ -2528,7 +2779,11 @@ async fn route(shared: &Shared, req: &Req) -> Result<Reply, Hangup> {
         return Ok(reply);
     }
     match route {
-        Route::HealthService(name) => health_service(shared, req, name).await,
+        Route::HealthService(name) => health_service(shared, req, name, false).await,
+        Route::HealthConnect(name) => health_service(shared, req, name, true).await,
+        Route::CatalogService(name) => catalog_service(shared, req, name).await,
+        Route::ConnectRoots => connect_roots(shared, req).await,
+        Route::ConnectLeaf(name) => connect_leaf(shared, req, name).await,
         Route::HealthState(state) => health_state(shared, req, state).await,
         Route::CatalogServices => catalog_services(shared, req).await,
         Route::Kv(key) if req.method == Method::GET => kv_get(shared, req, key).await,
@@ -2540,6 +2795,7 @@ async fn route(shared: &Shared, req: &Req) -> Result<Reply, Hangup> {
         ))),
         Route::AgentRegister => Ok(agent_register(shared, req)),
         Route::AgentDeregister(id) => Ok(agent_deregister(shared, req, id)),
+        Route::AgentService(id) => Ok(agent_service(shared, req, id)),
         Route::CheckUpdate(status, id) => Ok(agent_check_update(shared, req, status, id)),
         Route::ServiceMaintenance(id) => Ok(agent_service_maintenance(shared, req, id)),
         Route::NodeMaintenance => Ok(agent_node_maintenance(shared, req)),
@@ -2821,7 +3077,14 @@ fn filter_unsupported(req: &Req) -> Option<Reply> {
     })
 }
 
-async fn health_service(shared: &Shared, req: &Req, name: &str) -> Result<Reply, Hangup> {
+/// `/v1/health/service/<name>`, or with `connect` `/v1/health/connect/<name>` (the sidecars
+/// and Connect-native instances serving `name`, CONNECT.md §4.1).
+async fn health_service(
+    shared: &Shared,
+    req: &Req,
+    name: &str,
+    connect: bool,
+) -> Result<Reply, Hangup> {
     let opts = match parse_read(shared, req) {
         Ok(o) => o,
         Err(reply) => return Ok(reply),
@@ -2837,9 +3100,10 @@ async fn health_service(shared: &Shared, req: &Req, name: &str) -> Result<Reply,
             None => return Ok(Reply::bad_request("Invalid value for ?passing")),
         },
     };
-    if let Some(reply) = filter_unsupported(req) {
-        return Ok(reply.with_meta(Meta::failed(opts.consistency)));
-    }
+    let filter = match parse_filter(req, &["Node", "Service", "Checks"]) {
+        Ok(f) => f,
+        Err(reply) => return Ok(reply.with_meta(Meta::failed(opts.consistency))),
+    };
     // Consul lower-cases both sides (`serviceTagFilter`).
     let tags: Vec<String> = req.all("tag").iter().map(|t| t.to_lowercase()).collect();
     let node_meta = parse_node_meta(req);
@@ -2847,11 +3111,20 @@ async fn health_service(shared: &Shared, req: &Req, name: &str) -> Result<Reply,
     let dc = shared.opts.datacenter.as_str();
     shared
         .serve_read(req, &opts, |st, authz| {
-            let index = st.health_service_index(name);
+            let index = if connect {
+                st.health_connect_index(name)
+            } else {
+                st.health_service_index(name)
+            };
             let mut filtered = false;
             let mut entries = Vec::new();
             for ((node_name, _), svc) in &st.services {
-                if peered || svc.def.name != name {
+                let member = if connect {
+                    svc.def.serves_mesh(name)
+                } else {
+                    svc.def.name == name
+                };
+                if peered || !member {
                     continue;
                 }
                 let has_tags = tags
@@ -2877,6 +3150,9 @@ async fn health_service(shared: &Shared, req: &Req, name: &str) -> Result<Reply,
                     service: service_json(svc),
                     checks: checks.iter().map(|(n, c)| check_json(n, c)).collect(),
                 });
+            }
+            if let Some(f) = &filter {
+                entries.retain(|e| filter::eval(f, &serde_json::to_value(e).unwrap_or_default()));
             }
             Reply::json(to_json(&entries, opts.pretty))
                 .with_meta(Meta::ok(index, filtered && authz.reports_filtered()))
@@ -2959,6 +3235,195 @@ async fn catalog_services(shared: &Shared, req: &Req) -> Result<Reply, Hangup> {
                 st.services_index,
                 filtered && authz.reports_filtered(),
             ))
+        })
+        .await
+}
+
+/// `?filter=` parsed for an endpoint whose entries have the top-level fields `roots`; a bad
+/// one is Consul's 500 (CONNECT.md §10.2).
+fn parse_filter(req: &Req, roots: &[&str]) -> Result<Option<filter::Expr>, Reply> {
+    match req.q("filter").filter(|f| !f.is_empty()) {
+        None => Ok(None),
+        Some(src) => filter::parse(src, roots).map(Some).map_err(|e| {
+            Reply::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Failed to create boolean expression evaluator: {e}"),
+            )
+        }),
+    }
+}
+
+/// Top-level fields of a `/v1/catalog/service` entry (filter selectors).
+const CATALOG_FIELDS: &[&str] = &[
+    "ID",
+    "Node",
+    "Address",
+    "Datacenter",
+    "TaggedAddresses",
+    "NodeMeta",
+    "ServiceKind",
+    "ServiceID",
+    "ServiceName",
+    "ServiceTags",
+    "ServiceAddress",
+    "ServiceTaggedAddresses",
+    "ServiceWeights",
+    "ServiceMeta",
+    "ServicePort",
+    "ServiceSocketPath",
+    "ServiceEnableTagOverride",
+    "ServiceProxy",
+    "ServiceConnect",
+];
+
+/// `/v1/catalog/service/<name>`: flat entries, no health (CONNECT.md §10.1).
+async fn catalog_service(shared: &Shared, req: &Req, name: &str) -> Result<Reply, Hangup> {
+    let opts = match parse_read(shared, req) {
+        Ok(o) => o,
+        Err(reply) => return Ok(reply),
+    };
+    if name.is_empty() {
+        return Ok(Reply::bad_request("Missing service name"));
+    }
+    let filter = match parse_filter(req, CATALOG_FIELDS) {
+        Ok(f) => f,
+        Err(reply) => return Ok(reply.with_meta(Meta::failed(opts.consistency))),
+    };
+    let tags: Vec<String> = req.all("tag").iter().map(|t| t.to_lowercase()).collect();
+    let node_meta = parse_node_meta(req);
+    let dc = shared.opts.datacenter.as_str();
+    shared
+        .serve_read(req, &opts, |st, authz| {
+            let mut filtered = false;
+            let mut entries = Vec::new();
+            for ((node_name, _), svc) in &st.services {
+                let has_tags = tags
+                    .iter()
+                    .all(|want| svc.def.tags.iter().any(|t| t.to_lowercase() == *want));
+                let Some(node) = st.nodes.get(node_name) else {
+                    continue;
+                };
+                if svc.def.name != name || !has_tags || !node_meta_matches(&node_meta) {
+                    continue;
+                }
+                if !authz.service(name) || !authz.node_read() {
+                    filtered = true;
+                    continue;
+                }
+                entries.push(catalog_json(node_name, node, dc, svc));
+            }
+            if let Some(f) = &filter {
+                entries.retain(|e| filter::eval(f, &serde_json::to_value(e).unwrap_or_default()));
+            }
+            Reply::json(to_json(&entries, opts.pretty)).with_meta(Meta::ok(
+                st.health_service_index(name),
+                filtered && authz.reports_filtered(),
+            ))
+        })
+        .await
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CatalogJson<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    node: &'a str,
+    address: &'a str,
+    datacenter: &'a str,
+    tagged_addresses: BTreeMap<&'static str, &'a str>,
+    node_meta: BTreeMap<&'static str, &'static str>,
+    service_kind: &'a str,
+    #[serde(rename = "ServiceID")]
+    service_id: &'a str,
+    service_name: &'a str,
+    service_tags: &'a [String],
+    service_address: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    service_tagged_addresses: BTreeMap<&'a str, TaggedJson<'a>>,
+    service_weights: WeightsJson,
+    service_meta: Option<&'a BTreeMap<String, String>>,
+    service_port: u16,
+    service_socket_path: &'static str,
+    service_enable_tag_override: bool,
+    service_proxy: ProxyJson<'a>,
+    service_connect: ConnectJson,
+    create_index: u64,
+    modify_index: u64,
+}
+
+fn catalog_json<'a>(name: &'a str, node: &'a Node, dc: &'a str, s: &'a Service) -> CatalogJson<'a> {
+    let n = node_json(name, node, dc);
+    let v = service_json(s);
+    CatalogJson {
+        id: n.id,
+        node: n.node,
+        address: n.address,
+        datacenter: n.datacenter,
+        tagged_addresses: n.tagged_addresses,
+        node_meta: n.meta,
+        service_kind: v.kind,
+        service_id: v.id,
+        service_name: v.service,
+        service_tags: v.tags,
+        service_address: v.address,
+        service_tagged_addresses: v.tagged_addresses,
+        service_weights: v.weights,
+        service_meta: v.meta,
+        service_port: v.port,
+        service_socket_path: "",
+        service_enable_tag_override: v.enable_tag_override,
+        service_proxy: v.proxy,
+        service_connect: v.connect,
+        create_index: v.create_index,
+        modify_index: v.modify_index,
+    }
+}
+
+/// `/v1/agent/connect/ca/roots` (CONNECT.md §2): no ACL, blocks on the roots index.
+async fn connect_roots(shared: &Shared, req: &Req) -> Result<Reply, Hangup> {
+    let opts = match parse_read(shared, req) {
+        Ok(o) => o,
+        Err(reply) => return Ok(reply),
+    };
+    shared
+        .serve_read(req, &opts, |st, _| {
+            Reply::json(to_json(&st.ca.roots_json(), opts.pretty))
+                .with_meta(Meta::ok(st.ca.index, false))
+        })
+        .await
+}
+
+/// `/v1/agent/connect/ca/leaf/<service>` (CONNECT.md §3): `service:write`, revalidation
+/// (a missing, stale-root or nearly expired leaf is minted first), then blocking until a
+/// new leaf is issued.
+async fn connect_leaf(shared: &Shared, req: &Req, service: &str) -> Result<Reply, Hangup> {
+    let opts = match parse_read(shared, req) {
+        Ok(o) => o,
+        Err(reply) => return Ok(reply),
+    };
+    let authz = match resolve_token(shared, req) {
+        Ok(a) => a,
+        Err(reply) => return Ok(reply),
+    };
+    if !authz.service(service) {
+        return Ok(authz.denied("service:write", service));
+    }
+    shared.write(|st| {
+        if st.ca.needs_issue(service) {
+            let idx = st.next_index();
+            st.ca.issue(service, idx);
+        }
+    });
+    shared
+        .serve_read(req, &opts, |st, _| match st.ca.leaf(service) {
+            Some(leaf) => Reply::json(to_json(&leaf.json(service), opts.pretty))
+                .with_meta(Meta::ok(leaf.modify_index, false)),
+            None => Reply::text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "leaf certificate missing",
+            )
+            .with_meta(Meta::failed(opts.consistency)),
         })
         .await
 }
@@ -3386,6 +3851,20 @@ fn decode_registration(shared: &Shared, body: &[u8]) -> Result<(ServiceDef, Vec<
     for field in ["Kind", "SocketPath", "Token", "Namespace", "Partition"] {
         f.string(field).map_err(decode_err)?;
     }
+    let mesh = Mesh {
+        kind: f.string("Kind").map_err(decode_err)?,
+        destination: f
+            .get("Proxy")
+            .and_then(|p| field_ci(p, "DestinationServiceName"))
+            .and_then(Value::as_str)
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned),
+        native: f
+            .get("Connect")
+            .and_then(|c| field_ci(c, "Native"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
     let mut tagged = BTreeMap::new();
     if let Some(v) = f.get("TaggedAddresses") {
         let Value::Object(m) = v else {
@@ -3527,8 +4006,17 @@ fn decode_registration(shared: &Shared, body: &[u8]) -> Result<(ServiceDef, Vec<
         port,
         weights,
         enable_tag_override: eto,
+        mesh,
     };
     Ok((def, defs))
+}
+
+/// A nested object's field, matched case-insensitively as Go's decoder does.
+fn field_ci<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
 }
 
 fn agent_register(shared: &Shared, req: &Req) -> Reply {
@@ -3583,6 +4071,52 @@ fn agent_deregister(shared: &Shared, req: &Req, id: &str) -> Reply {
         st.remove_service(&node, id, idx);
     });
     Reply::empty()
+}
+
+/// `GET /v1/agent/service/<id>` (agent/service.mdx "Get Service Configuration"): the local
+/// service's definition, 404 `unknown service ID: <id>` when the agent does not know it, 403
+/// without `service:read` on its name.
+fn agent_service(shared: &Shared, req: &Req, id: &str) -> Reply {
+    let authz = match resolve_token(shared, req) {
+        Ok(a) => a,
+        Err(reply) => return reply,
+    };
+    let def = shared
+        .state()
+        .services
+        .get(&(shared.opts.node.clone(), id.to_owned()))
+        .map(|s| s.def.clone());
+    let Some(def) = def else {
+        return Reply::text(StatusCode::NOT_FOUND, format!("unknown service ID: {id}"));
+    };
+    if !authz.service(&def.name) {
+        return authz.denied("service:read", &def.name);
+    }
+    let tagged: BTreeMap<&str, Value> = def
+        .tagged
+        .iter()
+        .map(|(k, (a, p))| (k.as_str(), serde_json::json!({"Address": a, "Port": p})))
+        .collect();
+    let hash = fake_uuid(&format!("{def:?}")).replace('-', "")[..16].to_owned();
+    let body = serde_json::json!({
+        "ID": def.id,
+        "Service": def.name,
+        "Tags": def.tags,
+        "Meta": def.meta.clone().unwrap_or_default(),
+        "Port": def.port,
+        "Address": def.address,
+        "TaggedAddresses": tagged,
+        "Weights": {"Passing": def.weights.0, "Warning": def.weights.1},
+        "EnableTagOverride": def.enable_tag_override,
+        "ContentHash": hash,
+        "Datacenter": shared.opts.datacenter,
+    });
+    let mut reply = Reply::json(to_json(&body, req.has("pretty")));
+    reply.headers.push((
+        HeaderName::from_static("x-consul-contenthash"),
+        HeaderValue::from_str(&hash).expect("hex is a valid header value"),
+    ));
+    reply
 }
 
 fn agent_check_update(shared: &Shared, req: &Req, status: &'static str, check_id: &str) -> Reply {

@@ -1,5 +1,6 @@
 //! `ConsulClient`: the reqwest client (rustls + ring) and the three reads discovery uses:
-//! `/v1/health/service/:name`, `/v1/catalog/services`, `/v1/health/state/any`.
+//! `/v1/health/service/:name`, `/v1/catalog/services`, `/v1/health/state/any`; plus the agent
+//! calls of self-registration. Every request asks for gzip, which reqwest decodes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,9 +13,10 @@ use http::StatusCode;
 use reqwest::Url;
 use rustls::RootCertStore;
 
-use super::decode::{decode_catalog, CheckEntry, HealthEntry};
+use super::decode::{decode_catalog, CheckEntry, HealthEntry, RawLeaf, RawRoots};
 use super::error::ConsulError;
 use super::settings::{ConsulSettings, TokenSource, WarningMode};
+use crate::mesh::{LeafAnswer, RootsAnswer};
 
 /// Largest success body we accept. A health answer is ~1.5 KiB per instance, so this is
 /// tens of thousands of instances; anything bigger is a misbehaving proxy.
@@ -22,6 +24,8 @@ pub(super) const MAX_BODY: usize = 64 << 20;
 /// Error bodies are one-line plain text; keep at most this much of them.
 const ERROR_BODY_LIMIT: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Agent calls (register, deregister, read one service) answer at once; no blocking.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Servers add up to `wait/16` of jitter, and hold RPCs for a few seconds during leader
 /// elections (CLIENTS.md §7.1: timeout >= `wait * 17/16 + 10s`).
 const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
@@ -104,6 +108,23 @@ answer_type!(
     StateAnswer {
         /// All checks, node-level ones with an empty `service_name`.
         checks: Vec<CheckEntry>
+    }
+);
+
+answer_type!(
+    /// Answer of `GET /v1/agent/connect/ca/roots`.
+    ConnectRootsAnswer {
+        /// The roots, decoded.
+        roots: RootsAnswer
+    }
+);
+
+answer_type!(
+    /// Answer of `GET /v1/agent/connect/ca/leaf/<service>`: the leaf, or why its fields do not
+    /// parse (kept as an answer so the watch's index still moves on).
+    ConnectLeafAnswer {
+        /// The leaf, decoded.
+        leaf: Result<LeafAnswer, String>
     }
 );
 
@@ -221,6 +242,60 @@ impl ConsulClient {
         Ok(HealthAnswer::from_parts(meta, entries))
     }
 
+    /// `GET /v1/health/connect/<name>`: the service's mesh endpoints (its sidecar proxies and
+    /// Connect-native instances), in the same shape and with the same blocking as
+    /// [`Self::health_service`].
+    pub async fn health_connect(
+        &self,
+        name: &str,
+        index: Option<u64>,
+    ) -> Result<HealthAnswer, ConsulError> {
+        let url = self.url(&["health", "connect", name], index, true);
+        let (meta, body) = self.get(url).await?;
+        let entries = decode_json(&body)?;
+        Ok(HealthAnswer::from_parts(meta, entries))
+    }
+
+    /// [`Self::health_connect`] when `connect`, else [`Self::health_service`].
+    pub async fn health(
+        &self,
+        name: &str,
+        connect: bool,
+        index: Option<u64>,
+    ) -> Result<HealthAnswer, ConsulError> {
+        if connect {
+            self.health_connect(name, index).await
+        } else {
+            self.health_service(name, index).await
+        }
+    }
+
+    /// `GET /v1/agent/connect/ca/roots`, blocking on the roots' index.
+    pub async fn connect_roots(
+        &self,
+        index: Option<u64>,
+    ) -> Result<ConnectRootsAnswer, ConsulError> {
+        let url = self.agent_url(&["agent", "connect", "ca", "roots"], index);
+        let (meta, body) = self.get(url).await?;
+        let raw: RawRoots = decode_json(&body)?;
+        Ok(ConnectRootsAnswer::from_parts(meta, raw.into()))
+    }
+
+    /// `GET /v1/agent/connect/ca/leaf/<service>`, blocking until a new leaf is issued.
+    pub async fn connect_leaf(
+        &self,
+        service: &str,
+        index: Option<u64>,
+    ) -> Result<ConnectLeafAnswer, ConsulError> {
+        let url = self.agent_url(&["agent", "connect", "ca", "leaf", service], index);
+        let (meta, body) = self.get(url).await?;
+        let raw: RawLeaf = decode_json(&body)?;
+        Ok(ConnectLeafAnswer::from_parts(
+            meta,
+            LeafAnswer::try_from(raw),
+        ))
+    }
+
     /// `GET /v1/catalog/services`: every service name with the union of its tags. Its index
     /// moves on registrations and instance updates, not on check status changes.
     pub async fn catalog_services(&self, index: Option<u64>) -> Result<CatalogAnswer, ConsulError> {
@@ -237,6 +312,54 @@ impl ConsulClient {
         let (meta, body) = self.get(url).await?;
         let checks = decode_json(&body)?;
         Ok(StateAnswer::from_parts(meta, checks))
+    }
+
+    /// `PUT /v1/agent/service/register` with `payload` as JSON (re-registering the same ID
+    /// replaces the entry). 403 is an ACL problem ([`ConsulError::is_acl`]).
+    pub async fn register_service<T: serde::Serialize>(
+        &self,
+        payload: &T,
+    ) -> Result<(), ConsulError> {
+        let url = self.agent_url(&["agent", "service", "register"], None);
+        self.agent_call(self.inner.http.put(url).json(payload))
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`; an unknown ID is a 404 `Status` error.
+    pub async fn deregister_service(&self, id: &str) -> Result<(), ConsulError> {
+        let url = self.agent_url(&["agent", "service", "deregister", id], None);
+        self.agent_call(self.inner.http.put(url)).await.map(drop)
+    }
+
+    /// `GET /v1/agent/service/<id>`: `true` when the local agent knows the service ID,
+    /// `false` on 404.
+    pub async fn agent_service(&self, id: &str) -> Result<bool, ConsulError> {
+        let url = self.agent_url(&["agent", "service", id], None);
+        match self.agent_call(self.inner.http.get(url)).await {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends an agent request; non-2xx answers become errors with their plain-text body.
+    async fn agent_call(&self, request: reqwest::RequestBuilder) -> Result<Bytes, ConsulError> {
+        let mut response = request
+            .timeout(AGENT_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| map_reqwest(e, AGENT_TIMEOUT))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = parse_retry_after(response.headers());
+            let body = read_body(&mut response, ERROR_BODY_LIMIT, AGENT_TIMEOUT)
+                .await
+                .unwrap_or_default();
+            let body = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(classify_status(status, body, retry_after));
+        }
+        read_body(&mut response, ERROR_BODY_LIMIT, AGENT_TIMEOUT).await
     }
 
     /// Builds `<base>/v1/<segments..>?dc=&tag=&stale&index=&wait=`. Segments are
@@ -273,7 +396,33 @@ impl ConsulClient {
         url
     }
 
+    /// An agent endpoint's URL: `index` and `wait` only (the agent serves its own datacenter,
+    /// and `stale` and `tag` do not apply).
+    fn agent_url(&self, segments: &[&str], index: Option<u64>) -> Url {
+        let mut url = self.inner.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("v1").extend(segments);
+        }
+        if let Some(index) = index.filter(|i| *i > 0) {
+            url.query_pairs_mut()
+                .append_pair("index", &index.to_string())
+                .append_pair("wait", &wait_param(self.inner.wait));
+        }
+        url
+    }
+
     async fn get(&self, url: Url) -> Result<(QueryMeta, Bytes), ConsulError> {
+        let (meta, body) = self.get_or_missing(url, false).await?;
+        Ok((meta, body.unwrap_or_default()))
+    }
+
+    /// [`Self::get`], where with `missing_ok` a 404 carrying index headers is `None` (a KV
+    /// prefix with no keys, API.md §5) rather than an error.
+    pub(super) async fn get_or_missing(
+        &self,
+        url: Url,
+        missing_ok: bool,
+    ) -> Result<(QueryMeta, Option<Bytes>), ConsulError> {
         let timeout = self.inner.request_timeout;
         let mut response = self
             .inner
@@ -284,6 +433,11 @@ impl ConsulClient {
             .await
             .map_err(|e| map_reqwest(e, timeout))?;
         let status = response.status();
+        if missing_ok && status == StatusCode::NOT_FOUND {
+            if let Ok(meta) = parse_meta(response.headers()) {
+                return Ok((meta, None));
+            }
+        }
         if !status.is_success() {
             let retry_after = parse_retry_after(response.headers());
             // The body only explains the status; failing to read it must not hide the status.
@@ -298,7 +452,7 @@ impl ConsulClient {
         if body.len() > MAX_BODY {
             return Err(ConsulError::BodyTooLarge { limit: MAX_BODY });
         }
-        Ok((meta, body))
+        Ok((meta, Some(body)))
     }
 }
 

@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Deserializer};
 
 use super::settings::WarningMode;
 use crate::discovery::{Discovered, InstanceStatus};
+use crate::mesh::{CaRoot, LeafAnswer, RootsAnswer};
 
 /// Largest weight handed to a pool. Consul accepts up to 65535. We clamp because:
 /// - a pool may sum the weights of all its endpoints in a `u32`: at 10 000 that cannot
@@ -325,4 +327,82 @@ fn discover_one(
         status,
         id: Arc::from(id),
     })
+}
+
+/// `GET /v1/agent/connect/ca/roots` as Consul sends it (unknown fields ignored).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct RawRoots {
+    #[serde(rename = "ActiveRootID", default)]
+    active_root_id: String,
+    #[serde(default)]
+    trust_domain: String,
+    #[serde(default)]
+    roots: Option<Vec<RawRoot>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct RawRoot {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(default)]
+    root_cert: String,
+    #[serde(default)]
+    active: bool,
+}
+
+impl From<RawRoots> for RootsAnswer {
+    fn from(raw: RawRoots) -> Self {
+        Self {
+            trust_domain: raw.trust_domain,
+            active_root_id: raw.active_root_id,
+            roots: raw
+                .roots
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| CaRoot {
+                    id: r.id,
+                    pem: r.root_cert,
+                    active: r.active,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `GET /v1/agent/connect/ca/leaf/<service>` as Consul sends it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct RawLeaf {
+    #[serde(rename = "CertPEM")]
+    cert_pem: String,
+    #[serde(rename = "PrivateKeyPEM")]
+    private_key_pem: String,
+    #[serde(default)]
+    serial_number: String,
+    #[serde(rename = "ServiceURI", default)]
+    service_uri: String,
+    valid_after: String,
+    valid_before: String,
+}
+
+impl TryFrom<RawLeaf> for LeafAnswer {
+    type Error = String;
+
+    fn try_from(raw: RawLeaf) -> Result<Self, String> {
+        let time = |field: &str, text: &str| -> Result<SystemTime, String> {
+            humantime::parse_rfc3339_weak(text.trim_end_matches('Z'))
+                .or_else(|_| humantime::parse_rfc3339(text))
+                .map_err(|e| format!("{field} {text:?}: {e}"))
+        };
+        Ok(Self {
+            valid_after: time("ValidAfter", &raw.valid_after)?,
+            valid_before: time("ValidBefore", &raw.valid_before)?,
+            cert_pem: raw.cert_pem,
+            key_pem: raw.private_key_pem,
+            serial: raw.serial_number,
+            service_uri: raw.service_uri,
+        })
+    }
 }

@@ -19,7 +19,7 @@ use super::error::ConsulError;
 use super::publish::Publisher;
 use super::sync::ServiceSync;
 use super::watch::{
-    blocking_loop, watch_service, Backoff, Recorder, TokenBucket, QUERY_BURST, QUERY_REFILL,
+    blocking_loop, watch_health, Backoff, Recorder, TokenBucket, QUERY_BURST, QUERY_REFILL,
 };
 use crate::discovery::Discovered;
 use crate::error::Chain;
@@ -32,6 +32,8 @@ pub struct ServiceWatch {
     sync: Arc<ServiceSync>,
     /// Receives each changed endpoint set (when: see [`watch_service`]).
     publish: Box<dyn FnMut(Vec<Discovered>) + Send>,
+    /// Read the service's mesh endpoints (`/v1/health/connect`) instead of its instances.
+    connect: bool,
 }
 
 impl ServiceWatch {
@@ -45,7 +47,15 @@ impl ServiceWatch {
             name,
             sync,
             publish: Box::new(publish),
+            connect: false,
         }
+    }
+
+    /// Watches the service's mesh endpoints (its sidecars and Connect-native instances, from
+    /// `/v1/health/connect/<name>`) instead of its instances.
+    pub fn connect(mut self, connect: bool) -> Self {
+        self.connect = connect;
+        self
     }
 }
 
@@ -91,11 +101,13 @@ pub async fn watch_many(
             name,
             sync,
             publish,
+            connect,
         } in services
         {
-            tasks.spawn(watch_service(
+            tasks.spawn(watch_health(
                 client.clone(),
                 name,
+                connect,
                 sync,
                 publish,
                 cancel.clone(),
@@ -157,6 +169,8 @@ impl Recorder for FeedRecorder {
 
 struct Watched {
     publisher: Publisher<Box<dyn FnMut(Vec<Discovered>) + Send>>,
+    /// Read from `/v1/health/connect`.
+    connect: bool,
     /// Nodes hosting the service at its last read, to map node-level checks to it.
     nodes: BTreeSet<String>,
 }
@@ -197,6 +211,7 @@ async fn run_feed(client: ConsulClient, services: Vec<ServiceWatch>, cancel: Can
     let mut watched: Vec<Watched> = services
         .into_iter()
         .map(|w| Watched {
+            connect: w.connect,
             publisher: Publisher::new(
                 w.name,
                 w.sync,
@@ -393,8 +408,9 @@ async fn refresh(
             let Some(i) = queue.next() else { break };
             let client = client.clone();
             let name = watched[i].publisher.service().clone();
+            let connect = watched[i].connect;
             tasks.spawn(
-                async move { (i, client.health_service(&name, None).await) }.in_current_span(),
+                async move { (i, client.health(&name, connect, None).await) }.in_current_span(),
             );
         }
         let Some(joined) = tasks.join_next().await else {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
+use super::registration::{RawRegister, RegisterSettings};
 use crate::limits;
 
 /// The Consul HTTP API address used when neither the file nor `CONSUL_HTTP_ADDR` sets one.
@@ -83,6 +84,48 @@ pub struct RawConsul {
     /// targeted refreshes instead. Consul agents allow 200 connections per client by default
     /// (`limits.http_max_conns_per_client`), so stay well below that; 1 to 10000. Default: `64`.
     pub max_watches: usize,
+    /// `[discovery.consul.connect]`: the service mesh (Connect mTLS to mesh upstreams).
+    pub connect: RawConnect,
+    /// `[discovery.consul.register]`: register the gateway itself with the agent. Default:
+    /// absent (no registration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register: Option<RawRegister>,
+    /// KV prefix whose keys each hold one route (TOML or JSON, the schema of one `[[routes]]`
+    /// entry), watched with one blocking `?recurse` query. Must end with `/` (Consul's prefix
+    /// is a string prefix). Default: none, i.e. no routes from KV.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_prefix: Option<String>,
+}
+
+/// `[discovery.consul.connect]` as written in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConnect {
+    /// Reach every route that names a `service` through the mesh (a route's own `connect`
+    /// wins). Never applies to routes with fixed `targets`. Default: `false`.
+    pub enabled: bool,
+    /// The gateway's own mesh identity: its leaf certificate is requested for this name, and
+    /// intentions name it as the source. The ACL token needs `service:write` on it.
+    /// Default: `"meshgate"`.
+    pub service: String,
+}
+
+impl Default for RawConnect {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            service: "meshgate".to_owned(),
+        }
+    }
+}
+
+/// Validated `[discovery.consul.connect]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectSettings {
+    /// Mesh by default for routes naming a service.
+    pub enabled: bool,
+    /// The gateway's identity name.
+    pub service: String,
 }
 
 impl Default for RawConsul {
@@ -105,6 +148,9 @@ impl Default for RawConsul {
             routes_from_tags: false,
             startup_timeout: Duration::from_secs(10),
             max_watches: 64,
+            connect: RawConnect::default(),
+            register: None,
+            kv_prefix: None,
         }
     }
 }
@@ -127,6 +173,9 @@ impl fmt::Debug for RawConsul {
             .field("routes_from_tags", &self.routes_from_tags)
             .field("startup_timeout", &self.startup_timeout)
             .field("max_watches", &self.max_watches)
+            .field("connect", &self.connect)
+            .field("register", &self.register)
+            .field("kv_prefix", &self.kv_prefix)
             .finish()
     }
 }
@@ -212,6 +261,12 @@ pub struct ConsulSettings {
     pub startup_timeout: Duration,
     /// Services beyond this count are served by the change feed (at least 1).
     pub max_watches: usize,
+    /// The service mesh.
+    pub connect: ConnectSettings,
+    /// The gateway's own registration, when the `register` table is present.
+    pub register: Option<RegisterSettings>,
+    /// KV prefix of the routes kept in Consul (ends with `/`); `None` = no KV routes.
+    pub kv_prefix: Option<String>,
 }
 
 impl ConsulSettings {
@@ -351,6 +406,22 @@ impl RawConsul {
             err("max_watches", m);
         }
 
+        // === connect ===
+        let connect_service = self.connect.service.trim();
+        if connect_service.is_empty()
+            || !connect_service
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            err(
+                "connect.service",
+                format!(
+                    "{:?} is not a Consul service name (letters, digits, '-', '_', '.')",
+                    self.connect.service
+                ),
+            );
+        }
+
         // === TLS ===
         let from_env = |key: &str| env(key).map(PathBuf::from);
         let ca_file = self.ca_file.clone().or_else(|| from_env("CONSUL_CACERT"));
@@ -429,6 +500,20 @@ impl RawConsul {
             }
         }
 
+        if let Some(prefix) = &self.kv_prefix {
+            if let Err(msg) = check_kv_prefix(prefix) {
+                err("kv_prefix", msg);
+            }
+        }
+        let register = match self.register.as_ref().map(RawRegister::resolve) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(problems)) => {
+                errors.extend(problems);
+                None
+            }
+        };
+
         match address {
             Some(address) if errors.is_empty() => Ok(ConsulSettings {
                 address,
@@ -446,10 +531,32 @@ impl RawConsul {
                 routes_from_tags: self.routes_from_tags,
                 startup_timeout: self.startup_timeout,
                 max_watches: self.max_watches,
+                connect: ConnectSettings {
+                    enabled: self.connect.enabled,
+                    service: connect_service.to_owned(),
+                },
+                register,
+                kv_prefix: self.kv_prefix.clone(),
             }),
             _ => Err(errors),
         }
     }
+}
+
+/// A KV prefix is a string prefix in Consul, so `meshgate/routes` would also list
+/// `meshgate/routes2/...`: it must end with `/`, and Consul keys never start with one.
+fn check_kv_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.starts_with('/') {
+        return Err(format!(
+            "{prefix:?} must not start with \"/\"; Consul keys have no leading slash"
+        ));
+    }
+    if !prefix.ends_with('/') || prefix.len() < 2 {
+        return Err(format!(
+            "{prefix:?} must be a folder ending with \"/\", such as \"meshgate/routes/\""
+        ));
+    }
+    Ok(())
 }
 
 /// Go's `strconv.ParseBool` spellings, which the Consul CLI uses for its variables.

@@ -347,8 +347,22 @@ pub async fn watch_service(
     on_change: impl FnMut(Vec<Discovered>) + Send,
     cancel: CancellationToken,
 ) {
+    watch_health(client, service, false, sync, on_change, cancel).await
+}
+
+/// [`watch_service`] on the service's instances, or with `connect` on its mesh endpoints
+/// (`/v1/health/connect/<name>`: sidecars and Connect-native instances).
+pub(super) async fn watch_health(
+    client: ConsulClient,
+    service: Arc<str>,
+    connect: bool,
+    sync: Arc<ServiceSync>,
+    on_change: impl FnMut(Vec<Discovered>) + Send,
+    cancel: CancellationToken,
+) {
     let span = tracing::info_span!("consul_watch", service = %service);
-    let label = format!("health/service/{service}");
+    let kind = if connect { "connect" } else { "service" };
+    let label = format!("health/{kind}/{service}");
     let mut publisher = Publisher::new(
         service.clone(),
         sync.clone(),
@@ -359,7 +373,7 @@ pub async fn watch_service(
     let fetch = |index| {
         let client = client.clone();
         let service = service.clone();
-        async move { client.health_service(&service, index).await }
+        async move { client.health(&service, connect, index).await }
     };
     let on_answer = |answer: HealthAnswer, _fresh: bool| {
         if !publisher.apply(&answer) {
