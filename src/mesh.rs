@@ -8,13 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::tls::HandshakeSignatures;
+use crate::tls::{provider, HandshakeSignatures};
 
 /// Why a Connect answer or a presented certificate was refused.
 #[derive(Debug, thiserror::Error)]
@@ -323,7 +322,7 @@ impl Snapshot {
         let verifier = SpiffeVerifier {
             roots: self.roots.clone(),
             expected,
-            provider: provider.clone(),
+            signatures: HandshakeSignatures(provider.clone()),
         };
         rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -469,7 +468,7 @@ impl MeshIdentity {
 struct SpiffeVerifier {
     roots: Arc<Roots>,
     expected: String,
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
@@ -483,7 +482,7 @@ impl ServerCertVerifier for SpiffeVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
+            self.signatures.0.signature_verification_algorithms.all,
             &self.roots.anchors,
             intermediates,
             now,
@@ -516,7 +515,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(self.provider.clone()).tls12(message, cert, dss)
+        self.signatures.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -525,11 +524,11 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(self.provider.clone()).tls13(message, cert, dss)
+        self.signatures.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        HandshakeSignatures(self.provider.clone()).schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -545,10 +544,6 @@ impl rustls::client::ResolvesClientCert for FixedKey {
     fn has_certs(&self) -> bool {
         true
     }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn pki_error(e: webpki::Error) -> rustls::Error {

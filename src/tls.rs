@@ -72,7 +72,8 @@ pub struct UpstreamTls {
     pub insecure_skip_verify: bool,
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The crypto provider every rustls configuration of the gateway uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

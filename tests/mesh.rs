@@ -199,6 +199,9 @@ async fn leaf_renewal_and_root_rotation_fail_no_request() {
             .unwrap()
     };
     let first = serial(&status().await);
+    // Warm the pool so the handshakes counted next are the ones a change forces.
+    assert_eq!(get(&gw, "/web/x").await.0, 200);
+    let handshakes_before = sc.handshakes();
     let stream = async {
         let mut failed = 0;
         for _ in 0..60 {
@@ -226,8 +229,15 @@ async fn leaf_renewal_and_root_rotation_fail_no_request() {
     for _ in 0..5 {
         assert_eq!(get(&gw, "/web/x").await.0, 200);
     }
-    assert!(up.hits() >= 65);
+    assert!(up.hits() >= 66);
     assert!(status().await["mesh"]["rotations"].as_u64().unwrap() >= 2);
+    // The new leaf and roots were used on new connections (the pool was not kept across them).
+    assert!(
+        sc.handshakes() > handshakes_before,
+        "{} handshakes before, {} after",
+        handshakes_before,
+        sc.handshakes()
+    );
 }
 
 /// The `meshgate_mesh_denials_total` sample of route `web`.
