@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Static checks of meshgate's deployment files: k8s/*.yaml, consul/*.json, docker-compose.yml.
+"""Static checks of meshgate's deployment files: k8s/, consul/, docker-compose.yml.
 
 No cluster or Docker needed: the files are parsed (PyYAML, tomllib, json) and checked for
 what would break a deployment or the demo:
@@ -13,12 +13,20 @@ what would break a deployment or the demo:
   non-loopback address (the kubelet probes the pod IP); --config points at the mounted file;
 - Service and PodDisruptionBudget select the Deployment's pods; targetPort exists; the PDB
   allows a disruption with 3 replicas but never all;
-- kustomization.yaml lists every manifest;
+- base/kustomization.yaml lists every manifest in k8s/base/, k8s/kustomization.yaml is [base];
 - consul/*.json: Consul service definitions with id/name/address/port, an HTTP check on
   /health, valid weights, meshgate.route tags;
 - docker-compose.yml: env-only gateway with Consul discovery and routes from tags, and each
   Consul definition's address is a compose service running `mock-service PORT NAME` with the
   same port and name.
+- the mesh example: k8s/mesh/gateway.toml (mesh routes, identity, registration, no Consul
+  address); consul/mesh/ (Connect on, a sidecar_service per instance of every mesh route's
+  service, `*` deny plus an allow for the gateway's identity in intentions/); the compose `mesh`
+  profile (its own Consul, the gateway mounting gateway.toml, each app loopback-only with its
+  port and name, a `-sidecar-for` proxy in its network namespace, no host port clashes, nothing
+  outside the profile depending on it); k8s/mesh/ (inject annotations, Services and
+  ServiceAccounts named after the Consul service, ports as in consul/mesh/, ServiceDefaults and
+  ServiceIntentions allowing the gateway's identity, the gateway patch).
 
 Prints one line per failed check and a summary line "deploy: N passed, M failed";
 exit status 1 if any check failed.
