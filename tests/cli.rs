@@ -169,3 +169,24 @@ fn variables_alone_configure_the_gateway_and_nothing_at_all_is_refused() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("MESHGATE_* variables"));
 }
+
+#[test]
+fn check_accepts_the_mesh_example_with_its_compose_variables() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/mesh/gateway.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["check", "--config", path])
+        .env("CONSUL_HTTP_ADDR", "consul-mesh:8500")
+        .env("MESHGATE_DISCOVERY__CONSUL__REGISTER__ADDRESS", "mesh-gateway")
+        .env("MESHGATE_ADMIN_TOKEN", "demo-admin-token")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration is valid: 3 routes"
+    );
+}
