@@ -158,10 +158,13 @@ render "$CONF_DIR/mesh-upstreams.conf.in" "$RUN_DIR/upstreams.conf" RUN="$RUN_DI
   P_PLAIN_FRESH="$P_PLAIN_FRESH" P_STATUS="$P_STATUS"
 
 LOAD_PID=""
+GW_PID=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   [ -n "$LOAD_PID" ] && stop_pid "$LOAD_PID" 2
+  # the gateway first: stopped after the Consul stub, it would log its watches failing
+  [ -n "$GW_PID" ] && stop_pid "$GW_PID" 3
   stop_all
   log "stopped everything this run started; configs, logs and raw output: $OUT"
   exit "$rc"
