@@ -340,7 +340,7 @@ table() {
   local a b
   for pair in "mesh plain" "mesh-fresh plain-fresh"; do
     read -r a b <<<"$pair"
-    has_scen "$a" && has_scen "$b" || continue
+    if ! has_scen "$a" || ! has_scen "$b"; then continue; fi
     printf '| **%s/%s** | | %s | %s | %s | %s | %s | | | |\n' "$a" "$b" \
       "$(ratio "${MED[$a.rps]}" "${MED[$b.rps]}")" "$(ratio "${MED[$a.p50]}" "${MED[$b.p50]}")" \
       "$(ratio "${MED[$a.p99]}" "${MED[$b.p99]}")" "$(ratio "${MED[$a.cpu]}" "${MED[$b.cpu]}")" \
