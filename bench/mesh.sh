@@ -303,7 +303,15 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "-"; exit }
   if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 sumv() { awk '{ s += $1; n++ } END { if (n) print s; else print "-" }'; }
 fmt() { awk -v v="$1" -v d="$2" 'BEGIN { if (v == "-" || v == "") print "-"; else printf "%.*f\n", d, v }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf "%.2f\n", a / b }'; }
+# paired A B COLUMN : median over rounds of A's value / B's value in the same round. Rounds are
+# interleaved, so each pair ran minutes apart at most: this follows a shared machine's drift
+# better than a ratio of the two medians.
+paired() {
+  awk -F'\t' -v a="$1" -v b="$2" -v k="$3" 'NR > 1 && $k != "-" && $k != "" {
+      if ($1 == a) va[$2] = $k; else if ($1 == b) vb[$2] = $k }
+    END { for (r in va) if ((r in vb) && vb[r] + 0 != 0) print va[r] / vb[r] }' "$TSV" \
+    | median | awk '{ if ($1 == "-") print "-"; else printf "%.2f\n", $1 }'
+}
 minus() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-") print "-"; else printf "%.1f\n", a - b }'; }
 
 declare -A MED=()
@@ -342,9 +350,8 @@ table() {
     read -r a b <<<"$pair"
     if ! has_scen "$a" || ! has_scen "$b"; then continue; fi
     printf '| **%s/%s** | | %s | %s | %s | %s | %s | | | |\n' "$a" "$b" \
-      "$(ratio "${MED[$a.rps]}" "${MED[$b.rps]}")" "$(ratio "${MED[$a.p50]}" "${MED[$b.p50]}")" \
-      "$(ratio "${MED[$a.p99]}" "${MED[$b.p99]}")" "$(ratio "${MED[$a.cpu]}" "${MED[$b.cpu]}")" \
-      "$(ratio "${MED[$a.upcpu]}" "${MED[$b.upcpu]}")"
+      "$(paired "$a" "$b" 3)" "$(paired "$a" "$b" 5)" "$(paired "$a" "$b" 6)" \
+      "$(paired "$a" "$b" 7)" "$(paired "$a" "$b" 8)"
   done
 }
 
@@ -355,7 +362,7 @@ SUMMARY="$OUT/summary.md"
   echo "- machine: $(machine_line)"
   echo "- versions: nginx $(nginx -v 2>&1 | sed 's#.*nginx/##'), $(openssl version | awk '{ print $1, $2 }'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }'), meshgate binary $MESHGATE_BIN"
   echo "- command: \`$CMDLINE\`"
-  echo "- method: one gateway (one worker), four routes to the same fixed nginx answer; medians of $ROUNDS interleaved round(s) of ${DUR} s at $CONNS keep-alive wrk connections (wrk -t1), warm-up ${WARMUP} s per scenario; $place; CPU from /proc (utime + stime) over each run"
+  echo "- method: one gateway (one worker), four routes to the same fixed nginx answer; medians of $ROUNDS interleaved round(s) (ratios: medians of the per-round ratios) of ${DUR} s at $CONNS keep-alive wrk connections (wrk -t1), warm-up ${WARMUP} s per scenario; $place; CPU from /proc (utime + stime) over each run"
   [ -n "$NOTE" ] && echo "- note: $NOTE"
   echo
   table
