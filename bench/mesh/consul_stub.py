@@ -112,14 +112,18 @@ class Handler(BaseHTTPRequestHandler):
         # Consul answers errors in plain text, successes in JSON.
         text = status != 200
         data = (body + "\n").encode() if text else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Consul-Index", str(INDEX))
-        self.send_header("X-Consul-Knownleader", "true")
-        self.send_header("X-Consul-Lastcontact", "0")
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Consul-Index", str(INDEX))
+            self.send_header("X-Consul-Knownleader", "true")
+            self.send_header("X-Consul-Lastcontact", "0")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            # The gateway went away during a held blocking query (it is stopped first).
+            self.close_connection = True
 
     def do_GET(self):
         url = urlsplit(self.path)
