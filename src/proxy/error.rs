@@ -187,6 +187,26 @@ pub enum ProxyError {
         /// The gateway's identity name.
         identity: String,
     },
+    /// The request's rate-limit bucket is empty; the client's fault.
+    #[error("rate limit {name} exceeded ({via})")]
+    RateLimited {
+        /// The limit (route or named policy).
+        name: Arc<str>,
+        /// Who decided (local buckets, Redis, or `on_store_error`).
+        via: &'static str,
+        /// Until the bucket admits a request again.
+        retry_after: Duration,
+        /// `RateLimit-Policy`.
+        policy: http::HeaderValue,
+        /// `RateLimit`.
+        state: http::HeaderValue,
+    },
+    /// The request lacks a part of its rate-limit key and the limit is `required`.
+    #[error("the request lacks the key of rate limit {name}")]
+    RateLimitKeyMissing {
+        /// The limit.
+        name: Arc<str>,
+    },
 }
 
 impl From<RequestBodyError> for ProxyError {
@@ -250,6 +270,8 @@ impl ProxyError {
             Self::MeshDenied { l7: true, .. } => StatusCode::FORBIDDEN,
             Self::MeshDenied { l7: false, .. } => StatusCode::BAD_GATEWAY,
             Self::MeshCertExpired { .. } => StatusCode::BAD_GATEWAY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimitKeyMissing { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -263,7 +285,9 @@ impl ProxyError {
             | Self::ClientTimeout { .. }
             | Self::InvalidRequest { .. }
             | Self::InvalidHead { .. }
-            | Self::InvalidPath { .. } => true,
+            | Self::InvalidPath { .. }
+            | Self::RateLimited { .. }
+            | Self::RateLimitKeyMissing { .. } => true,
             Self::NoEndpoint { .. }
             | Self::Overloaded { .. }
             | Self::Connect { .. }
@@ -311,6 +335,13 @@ impl ProxyError {
             Self::MeshCertExpired { identity } => format!(
                 "the gateway's mesh certificate ({identity}) expired and Consul has not renewed it"
             ),
+            Self::RateLimited { retry_after, .. } => format!(
+                "rate limit exceeded; retry in {} s",
+                crate::ratelimit::ceil_secs(*retry_after).max(1)
+            ),
+            Self::RateLimitKeyMissing { .. } => {
+                "the request lacks what this route's rate limit is keyed on".into()
+            }
         }
     }
 }

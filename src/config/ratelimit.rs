@@ -1,0 +1,241 @@
+//! `rate_limit = { ... }` (on a route or in a named policy) and `[redis]`: raw types and their
+//! validation into the rate limiter's settings.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::problems::Problems;
+use super::raw::Unknown;
+use crate::limits;
+use crate::ratelimit::{
+    KeyPart, OnStoreError, Rate, RateLimitSettings, RedisSettings, Scope, DEFAULT_MAX_KEYS,
+};
+
+/// `rate_limit = { rate = "100/s", burst = 50, key = "client_ip", scope = "local" }`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawRateLimit {
+    /// `COUNT/s`, `COUNT/m` or `COUNT/h`. Required.
+    pub rate: Option<String>,
+    /// Requests a full bucket admits at once. Default: one second's worth of `rate` (at least 1).
+    pub burst: Option<i64>,
+    /// `client_ip`, `route`, `header:NAME`, `jwt:CLAIM`, `api_key`, or a list of them.
+    /// Default `client_ip`.
+    pub key: Option<RawKey>,
+    /// Refuse a request lacking a key part with 400 (default false: such requests share one
+    /// bucket).
+    pub required: bool,
+    /// `local` (default) or `global` (Redis).
+    pub scope: Option<String>,
+    /// Global scope, Redis failing: `local` (default), `allow` or `deny`.
+    pub on_store_error: Option<String>,
+    /// Gateway replicas: the local fallback admits `rate / replicas`. Default 1.
+    pub replicas: Option<i64>,
+    /// `RateLimit-Policy` and `RateLimit` on admitted responses. Default true.
+    pub headers: Option<bool>,
+    /// Most keys one limiter keeps in process. Default 100000.
+    pub max_keys: Option<i64>,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// One key part or a list of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawKey {
+    /// One part.
+    One(String),
+    /// Parts combined.
+    Many(Vec<String>),
+}
+
+/// `[redis]`: the store of global rate limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawRedis {
+    /// `redis://[user[:password]@]host[:port][/db]` or `rediss://` (TLS).
+    #[serde(serialize_with = "redacted_url")]
+    pub url: Option<String>,
+    /// ACL user name (overrides the URL's).
+    pub username: Option<String>,
+    /// Password (overrides the URL's; `MESHGATE_REDIS__PASSWORD`).
+    pub password: Option<String>,
+    /// Connections, each multiplexing many requests. Default 4.
+    pub pool_size: i64,
+    /// Longest wait for one decision before `on_store_error` decides. Default `20ms`.
+    pub timeout: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: None,
+            username: None,
+            password: None,
+            pool_size: 4,
+            timeout: "20ms".into(),
+            unknown: Unknown::new(),
+        }
+    }
+}
+
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&crate::ratelimit::store::redact(u)),
+        None => s.serialize_none(),
+    }
+}
+
+/// `[redis]`, checked.
+pub(super) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<RedisSettings> {
+    c.unknown("redis", &raw.unknown);
+    let timeout = c.duration_in(
+        "redis.timeout",
+        &raw.timeout,
+        std::time::Duration::from_millis(1)..=std::time::Duration::from_secs(10),
+    );
+    let pool_size = c.count_in("redis.pool_size", raw.pool_size, 1..=64);
+    let Some(url) = raw.url.clone() else {
+        c.err(
+            "redis.url",
+            "missing; give the store's address such as \"redis://127.0.0.1:6379\"",
+        );
+        return None;
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        c.err(
+            "redis.url",
+            format!(
+                "invalid URL {:?}; expected redis://HOST:PORT or rediss://HOST:PORT",
+                crate::ratelimit::store::redact(&url)
+            ),
+        );
+        return None;
+    }
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+        c.err(
+            "redis.url",
+            format!(
+                "invalid URL {:?}: {e}",
+                crate::ratelimit::store::redact(&url)
+            ),
+        );
+        return None;
+    }
+    Some(RedisSettings {
+        url,
+        username: raw.username.clone(),
+        password: raw.password.clone(),
+        pool_size,
+        timeout,
+    })
+}
+
+/// One `rate_limit` at key path `at`, named `name` (its route, or its policy when `shared`).
+/// `redis` says whether `[redis]` is configured (the global scope needs it).
+pub(super) fn rate_limit(
+    c: &mut Problems,
+    at: &str,
+    raw: &RawRateLimit,
+    name: &str,
+    shared: bool,
+    redis: bool,
+) -> Option<RateLimitSettings> {
+    c.unknown(at, &raw.unknown);
+    let rate = match raw.rate.as_deref() {
+        None => {
+            c.err(
+                format!("{at}.rate"),
+                "missing; give a rate such as \"100/s\", \"20/m\" or \"1000/h\"",
+            );
+            None
+        }
+        Some(text) => Rate::parse(text)
+            .map_err(|e| c.err(format!("{at}.rate"), e))
+            .ok(),
+    };
+    let burst = raw
+        .burst
+        .map(|b| c.count_in(&format!("{at}.burst"), b, 1..=limits::MAX_COUNT) as u64);
+    let texts: Vec<String> = match &raw.key {
+        None => vec!["client_ip".into()],
+        Some(RawKey::One(k)) => vec![k.clone()],
+        Some(RawKey::Many(ks)) => ks.clone(),
+    };
+    if texts.is_empty() {
+        c.err(
+            format!("{at}.key"),
+            "empty list; give at least one key part such as \"client_ip\"",
+        );
+    }
+    let key: Vec<KeyPart> = texts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let path = match &raw.key {
+                Some(RawKey::Many(_)) => format!("{at}.key[{i}]"),
+                _ => format!("{at}.key"),
+            };
+            KeyPart::parse(t.trim()).map_err(|e| c.err(path, e)).ok()
+        })
+        .collect();
+    let scope = match raw.scope.as_deref().unwrap_or("local") {
+        "local" => Scope::Local,
+        "global" => {
+            if !redis {
+                c.err(
+                    format!("{at}.scope"),
+                    "\"global\" needs a [redis] section with the store's url",
+                );
+            }
+            Scope::Global
+        }
+        other => {
+            c.err(
+                format!("{at}.scope"),
+                format!("unknown scope {other:?}; expected \"local\" or \"global\""),
+            );
+            Scope::Local
+        }
+    };
+    let on_store_error = match raw.on_store_error.as_deref().unwrap_or("local") {
+        "local" => OnStoreError::Local,
+        "allow" => OnStoreError::Allow,
+        "deny" => OnStoreError::Deny,
+        other => {
+            c.err(
+                format!("{at}.on_store_error"),
+                format!("unknown choice {other:?}; expected \"local\", \"allow\" or \"deny\""),
+            );
+            OnStoreError::Local
+        }
+    };
+    let replicas = raw.replicas.map_or(1, |n| {
+        c.count_in(&format!("{at}.replicas"), n, 1..=10_000) as u32
+    });
+    let max_keys = raw.max_keys.map_or(DEFAULT_MAX_KEYS, |n| {
+        c.count_in(&format!("{at}.max_keys"), n, 64..=10_000_000)
+    });
+    let rate = rate?;
+    if key.len() != texts.len() || texts.is_empty() {
+        return None;
+    }
+    Some(RateLimitSettings {
+        name: Arc::from(name),
+        shared,
+        rate,
+        burst: burst.unwrap_or_else(|| rate.per_second_ceil()),
+        key,
+        required: raw.required,
+        scope,
+        on_store_error,
+        replicas,
+        headers: raw.headers.unwrap_or(true),
+        max_keys,
+    })
+}
