@@ -295,7 +295,7 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::InvalidPath { .. }
         | ProxyError::ClientBody { .. }
         | ProxyError::ClientTimeout { .. }
-        | ProxyError::RateLimited { .. }
+        | ProxyError::RateLimited(_)
         | ProxyError::RateLimitKeyMissing { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
@@ -321,18 +321,12 @@ pub fn error_response(
 ) -> Response<ResponseBody> {
     let mut resp = error_body(e, route, request_id);
     // A refusal by the rate limit says when to come back, whoever wrote the body.
-    if let ProxyError::RateLimited {
-        retry_after,
-        policy,
-        state,
-        ..
-    } = e
-    {
-        let secs = crate::ratelimit::ceil_secs(*retry_after).max(1);
+    if let ProxyError::RateLimited(r) = e {
+        let secs = crate::ratelimit::ceil_secs(r.retry_after).max(1);
         let h = resp.headers_mut();
         h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
-        h.insert(ratelimit::RATELIMIT_POLICY.clone(), policy.clone());
-        h.insert(ratelimit::RATELIMIT.clone(), state.clone());
+        h.insert(ratelimit::RATELIMIT_POLICY.clone(), r.policy.clone());
+        h.insert(ratelimit::RATELIMIT.clone(), r.state.clone());
     }
     resp
 }
@@ -350,7 +344,7 @@ fn error_body(
             let mut resp = Response::new(ResponseBody::full(page.body.clone()));
             // The page's body, but a refusal by the rate limit stays a 429.
             *resp.status_mut() = match e {
-                ProxyError::RateLimited { .. } => e.status(),
+                ProxyError::RateLimited(_) => e.status(),
                 _ => page.status.unwrap_or_else(|| e.status()),
             };
             resp.headers_mut()

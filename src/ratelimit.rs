@@ -545,4 +545,43 @@ mod tests {
         assert!(!visit_key(&parts, &src("a"), |x| b.extend_from_slice(x)));
         assert_ne!(a, b);
     }
+
+    #[test]
+    fn identity_parts_from_the_authentication_stage() {
+        let headers = HeaderMap::new();
+        let claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"sub": "alice", "tier": 3, "gone": null}"#).unwrap();
+        let key = |parts: &[KeyPart], claims: Option<&serde_json::Map<_, _>>, api: Option<&str>| {
+            let src = KeySource {
+                client: IpAddr::from([10, 0, 0, 1]),
+                route: "r",
+                headers: &headers,
+                jwt_claims: claims,
+                api_key: api,
+            };
+            let mut out = Vec::new();
+            let complete = visit_key(parts, &src, |b| out.extend_from_slice(b));
+            (complete, out)
+        };
+        let sub = [KeyPart::JwtClaim("sub".into())];
+        let tier = [KeyPart::JwtClaim("tier".into())];
+        let gone = [KeyPart::JwtClaim("gone".into())];
+        assert_eq!(
+            key(&sub, Some(&claims), None),
+            (true, [&5u32.to_le_bytes()[..], b"alice"].concat())
+        );
+        assert_eq!(
+            key(&tier, Some(&claims), None).1,
+            [&1u32.to_le_bytes()[..], b"3"].concat()
+        );
+        // A null claim, or no token at all, is a missing part: one shared bucket.
+        assert_eq!(key(&gone, Some(&claims), None), key(&sub, None, None));
+        assert!(!key(&gone, Some(&claims), None).0);
+        let api = [KeyPart::ApiKey];
+        assert_eq!(
+            key(&api, None, Some("team-a")),
+            (true, [&6u32.to_le_bytes()[..], b"team-a"].concat())
+        );
+        assert!(!key(&api, None, None).0);
+    }
 }

@@ -89,6 +89,46 @@ async fn exact_count_at_a_fixed_rate_with_headers_and_json_429() {
         .map(|v| v.split(';').nth(1).unwrap())
         .collect();
     assert_eq!(r, ["r=2", "r=1", "r=0"]);
+
+    // The admin side: /explain says the stage answers and why, /status and /metrics count.
+    let mut u = reqwest::Url::parse(&gw.admin_url("/explain")).unwrap();
+    u.query_pairs_mut().append_pair("url", "/x");
+    let x: serde_json::Value = c.get(u).send().await.unwrap().json().await.unwrap();
+    let outcome = x["outcome"].as_str().unwrap();
+    assert!(outcome.contains("rate_limit stage answers"), "{outcome}");
+    assert!(outcome.contains("429"), "{outcome}");
+    assert_eq!(x["route"]["rate_limit"]["rate"], "3/m");
+    assert_eq!(x["route"]["rate_limit"]["bucket_now"]["remaining"], 0);
+    assert_eq!(x["route"]["stages"][0], "rate_limit");
+    let s: serde_json::Value = c
+        .get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rl = &s["routes"][0]["rate_limit"];
+    assert_eq!(
+        (rl["allowed"].as_u64(), rl["limited"].as_u64()),
+        (Some(3), Some(7))
+    );
+    assert_eq!(rl["scope"], "local");
+    let m = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "meshgate_rate_limit_decisions_total{route=\"r\",decision=\"limited\"} 7",
+        "meshgate_rate_limit_decisions_total{route=\"r\",decision=\"allowed\"} 3",
+        "meshgate_rate_limit_store_errors_total{route=\"r\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line} in\n{m}");
+    }
 }
 
 #[tokio::test]
@@ -569,4 +609,106 @@ async fn redis_answering_garbage_or_wrong_types_does_not_panic() {
         assert_eq!(s, [429, 429], "{what}");
         gw.stop().await;
     }
+}
+
+/// A `Write` into shared memory, for the access log.
+#[derive(Clone, Default)]
+struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_access_log_shows_the_client_behind_a_trusted_proxy() {
+    use meshgate::telemetry::{AccessFormat, AccessLog, RequestTelemetry};
+    let up = TestUpstream::builder().start().await;
+    let toml = format!(
+        r#"
+        [server]
+        trusted_proxies = ["127.0.0.1"]
+        [[routes]]
+        path = "/"
+        targets = ["{}"]
+        "#,
+        up.url()
+    );
+    let config = Config::from_toml(&toml, &Env::default()).unwrap();
+    let buf = SharedBuf::default();
+    let access = AccessLog::to_writer(AccessFormat::Json, buf.clone()).unwrap();
+    let gw =
+        meshgate::Gateway::build_with_telemetry(config, RequestTelemetry::new(None, Some(access)))
+            .unwrap();
+    let gw = gateway::start_gateway(gw).await;
+    let c = client();
+    let s = statuses(&c, &gw, "/", 1, &[("x-forwarded-for", "203.0.113.9")]).await;
+    assert_eq!(s, [200]);
+    gw.state
+        .proxy
+        .telemetry
+        .access_log()
+        .unwrap()
+        .flush(Duration::from_secs(5))
+        .await;
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["client"], "203.0.113.9:0", "{text}");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_buckets_while_a_limit_is_unchanged() {
+    let up = TestUpstream::builder().start().await;
+    let body = |rate: &str, timeout: &str| {
+        format!(
+            r#"
+            [server]
+            drain_delay = "0s"
+            [policies.team]
+            rate_limit = {{ rate = "{rate}", burst = 3 }}
+            [[routes]]
+            path = "/a"
+            targets = ["{u}"]
+            policies = ["team"]
+            [[routes]]
+            path = "/b"
+            targets = ["{u}"]
+            timeout = "{timeout}"
+            policies = ["team"]
+            "#,
+            u = up.url()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, body("3/h", "30s")).unwrap();
+    let config = Config::load(&path, &Env::default()).unwrap();
+    let gw =
+        meshgate::Gateway::build(config)
+            .unwrap()
+            .with_reload(path.clone(), Env::default(), false);
+    let gw = gateway::start_gateway(gw).await;
+    let c = client();
+    assert_eq!(statuses(&c, &gw, "/a", 2, &[]).await, [200, 200]);
+    let reload = |c: reqwest::Client, url: String| async move {
+        let resp = c.post(url).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    };
+    // Route /b changes, the policy does not: /b is rebuilt on the same buckets.
+    std::fs::write(&path, body("3/h", "20s")).unwrap();
+    reload(c.clone(), gw.admin_url("/reload")).await;
+    assert_eq!(statuses(&c, &gw, "/b", 2, &[]).await, [200, 429]);
+    assert_eq!(statuses(&c, &gw, "/a", 1, &[]).await, [429]);
+    // A changed limit starts with full buckets, still shared.
+    std::fs::write(&path, body("4/h", "20s")).unwrap();
+    reload(c.clone(), gw.admin_url("/reload")).await;
+    let mut s = statuses(&c, &gw, "/a", 2, &[]).await;
+    s.extend(statuses(&c, &gw, "/b", 2, &[]).await);
+    assert_eq!(s, [200, 200, 200, 429]);
 }

@@ -8,7 +8,7 @@ use http::header::HeaderName;
 use http::Response;
 
 use super::body::ResponseBody;
-use super::error::ProxyError;
+use super::error::{ProxyError, RateLimitRefusal};
 use super::pipeline::{Exchange, Flow, Stage, Step};
 use crate::metrics::RateLimitMetrics;
 use crate::ratelimit::{self, Decision, KeySource, RateLimiter, Scope, Via};
@@ -42,13 +42,13 @@ impl RateLimit {
             return Ok(());
         }
         self.metrics.limited.fetch_add(1, Ordering::Relaxed);
-        Err(ProxyError::RateLimited {
+        Err(ProxyError::RateLimited(Box::new(RateLimitRefusal {
             name: settings.name.clone(),
             via: d.via.as_str(),
             retry_after: d.retry_after,
             policy: self.limiter.policy_header().clone(),
             state: ratelimit::ratelimit_header(settings, &d),
-        })
+        })))
     }
 
     fn missing(&self) -> ProxyError {
