@@ -2,6 +2,7 @@
 //! process (`local`) or in Redis (`global`) with a local fallback when the store fails.
 
 pub mod client_ip;
+pub mod decision;
 pub mod local;
 pub mod store;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub use client_ip::TrustedProxies;
+pub use decision::{Decision, OnStoreError, Via};
 pub use local::Buckets;
 pub use store::{RedisSettings, RedisStore, StoreError};
 
@@ -121,17 +123,6 @@ pub enum Scope {
     Global,
 }
 
-/// What a global limit does when Redis fails or is slow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnStoreError {
-    /// A local limit of `rate / replicas`.
-    Local,
-    /// Let the request through.
-    Allow,
-    /// Refuse it with 429.
-    Deny,
-}
-
 /// Default `max_keys`: buckets one limiter keeps (about 40 bytes each, ~4 MiB at the cap).
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
@@ -174,45 +165,6 @@ pub struct KeySource<'a> {
     pub jwt_claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
     /// The accepted API key's name, when the authentication stage ran.
     pub api_key: Option<&'a str>,
-}
-
-/// How a request was decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
-    /// The in-process buckets.
-    Local,
-    /// Redis.
-    Store,
-    /// Redis failed; `on_store_error` decided.
-    StoreError(OnStoreError),
-}
-
-impl Via {
-    /// For `/explain` and logs.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Store => "redis",
-            Self::StoreError(OnStoreError::Local) => "redis failed: local fallback",
-            Self::StoreError(OnStoreError::Allow) => "redis failed: allowed",
-            Self::StoreError(OnStoreError::Deny) => "redis failed: denied",
-        }
-    }
-}
-
-/// One decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
-    /// Let through.
-    pub allowed: bool,
-    /// Requests the bucket still admits at once.
-    pub remaining: u64,
-    /// Until the bucket is full again.
-    pub reset: Duration,
-    /// Until the next request would be admitted (zero when allowed).
-    pub retry_after: Duration,
-    /// Who decided.
-    pub via: Via,
 }
 
 /// A limiter: one per inline `rate_limit`, one per named policy (shared by its routes).

@@ -3,23 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use super::problems::Problems;
-use super::ratelimit::{rate_limit, RawRateLimit};
-use super::raw::{RawRoute, Unknown};
+use super::ratelimit::rate_limit;
+use super::raw::{RawPolicy, RawRoute};
 use crate::ratelimit::RateLimitSettings;
-
-/// `[policies.NAME]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RawPolicy {
-    /// A rate limit whose buckets every route naming this policy shares.
-    pub rate_limit: Option<RawRateLimit>,
-    /// Keys the model does not know; each is reported by `validate`.
-    #[serde(flatten, skip_serializing)]
-    pub unknown: Unknown,
-}
 
 /// One validated named policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

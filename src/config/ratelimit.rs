@@ -1,98 +1,20 @@
-//! `rate_limit = { ... }` (on a route or in a named policy) and `[redis]`: raw types and their
-//! validation into the rate limiter's settings.
+//! `rate_limit = { ... }` (on a route or in a named policy) and `[redis]`: validation of their
+//! raw types (`ratelimit/raw.rs`, apart so `raw.rs` can hold them) into the limiter's settings.
+
+pub mod raw;
+
+pub use raw::{RawKey, RawRateLimit, RawRedis};
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use super::problems::Problems;
-use super::raw::Unknown;
 use crate::limits;
 use crate::ratelimit::{
     KeyPart, OnStoreError, Rate, RateLimitSettings, RedisSettings, Scope, DEFAULT_MAX_KEYS,
 };
 
-/// `rate_limit = { rate = "100/s", burst = 50, key = "client_ip", scope = "local" }`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RawRateLimit {
-    /// `COUNT/s`, `COUNT/m` or `COUNT/h`. Required.
-    pub rate: Option<String>,
-    /// Requests a full bucket admits at once. Default: one second's worth of `rate` (at least 1).
-    pub burst: Option<i64>,
-    /// `client_ip`, `route`, `header:NAME`, `jwt:CLAIM`, `api_key`, or a list of them.
-    /// Default `client_ip`.
-    pub key: Option<RawKey>,
-    /// Refuse a request lacking a key part with 400 (default false: such requests share one
-    /// bucket).
-    pub required: bool,
-    /// `local` (default) or `global` (Redis).
-    pub scope: Option<String>,
-    /// Global scope, Redis failing: `local` (default), `allow` or `deny`.
-    pub on_store_error: Option<String>,
-    /// Gateway replicas: the local fallback admits `rate / replicas`. Default 1.
-    pub replicas: Option<i64>,
-    /// `RateLimit-Policy` and `RateLimit` on admitted responses. Default true.
-    pub headers: Option<bool>,
-    /// Most keys one limiter keeps in process. Default 100000.
-    pub max_keys: Option<i64>,
-    /// Keys the model does not know; each is reported by `validate`.
-    #[serde(flatten, skip_serializing)]
-    pub unknown: Unknown,
-}
-
-/// One key part or a list of them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum RawKey {
-    /// One part.
-    One(String),
-    /// Parts combined.
-    Many(Vec<String>),
-}
-
-/// `[redis]`: the store of global rate limits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RawRedis {
-    /// `redis://[user[:password]@]host[:port][/db]` or `rediss://` (TLS).
-    #[serde(serialize_with = "redacted_url")]
-    pub url: Option<String>,
-    /// ACL user name (overrides the URL's).
-    pub username: Option<String>,
-    /// Password (overrides the URL's; `MESHGATE_REDIS__PASSWORD`).
-    pub password: Option<String>,
-    /// Connections, each multiplexing many requests. Default 4.
-    pub pool_size: i64,
-    /// Longest wait for one decision before `on_store_error` decides. Default `20ms`.
-    pub timeout: String,
-    /// Keys the model does not know; each is reported by `validate`.
-    #[serde(flatten, skip_serializing)]
-    pub unknown: Unknown,
-}
-
-impl Default for RawRedis {
-    fn default() -> Self {
-        Self {
-            url: None,
-            username: None,
-            password: None,
-            pool_size: 4,
-            timeout: "20ms".into(),
-            unknown: Unknown::new(),
-        }
-    }
-}
-
-fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    match url {
-        Some(u) => s.serialize_some(&crate::ratelimit::store::redact(u)),
-        None => s.serialize_none(),
-    }
-}
-
 /// `[redis]`, checked.
-pub(super) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<RedisSettings> {
+pub(in crate::config) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<RedisSettings> {
     c.unknown("redis", &raw.unknown);
     let timeout = c.duration_in(
         "redis.timeout",
@@ -138,7 +60,7 @@ pub(super) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<RedisSettings> {
 
 /// One `rate_limit` at key path `at`, named `name` (its route, or its policy when `shared`).
 /// `redis` says whether `[redis]` is configured (the global scope needs it).
-pub(super) fn rate_limit(
+pub(in crate::config) fn rate_limit(
     c: &mut Problems,
     at: &str,
     raw: &RawRateLimit,

@@ -40,10 +40,10 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     /// Named edge policies routes refer to.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub policies: BTreeMap<String, super::policies::RawPolicy>,
+    pub policies: BTreeMap<String, RawPolicy>,
     /// The store of global rate limits.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis: Option<super::ratelimit::RawRedis>,
+    pub redis: Option<super::ratelimit::raw::RawRedis>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -459,7 +459,7 @@ pub struct RawRoute {
     pub max_pending: Option<i64>,
     /// Rate limit for this route (see `[policies.NAME]` for one shared by several routes).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<super::ratelimit::RawRateLimit>,
+    pub rate_limit: Option<super::ratelimit::raw::RawRateLimit>,
     /// Named policies (`[policies.NAME]`) this route uses.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
@@ -673,6 +673,17 @@ pub struct RawErrorPage {
     pub content_type: Option<String>,
     /// The body, sent as is.
     pub body: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// `[policies.NAME]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawPolicy {
+    /// A rate limit whose buckets every route naming this policy shares.
+    pub rate_limit: Option<super::ratelimit::raw::RawRateLimit>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,

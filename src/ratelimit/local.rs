@@ -6,7 +6,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use super::{Decision, Via};
+use super::decision::{Decision, Via};
 
 /// Nanoseconds since the first call in this process, on tokio's clock (paused-time tests).
 pub fn now_ns() -> u64 {

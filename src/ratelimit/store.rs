@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Decision, Via};
+use super::decision::{Decision, Via};
 
 /// `[redis]`, validated.
 #[derive(Clone, PartialEq, Eq)]
