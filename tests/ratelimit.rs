@@ -712,3 +712,53 @@ async fn a_reload_keeps_buckets_while_a_limit_is_unchanged() {
     s.extend(statuses(&c, &gw, "/b", 2, &[]).await);
     assert_eq!(s, [200, 200, 200, 429]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_credentials_from_keys_or_the_url() {
+    let Some(redis) =
+        support::redis::start_with_password("redis_credentials", Some("s3cret")).await
+    else {
+        return;
+    };
+    let up = TestUpstream::builder().start().await;
+    let port = redis.port;
+    let c = client();
+    for (redis_section, works) in [
+        (
+            format!("url = \"redis://127.0.0.1:{port}\"\npassword = \"s3cret\""),
+            true,
+        ),
+        (
+            format!("url = \"redis://default:s3cret@127.0.0.1:{port}\""),
+            true,
+        ),
+        (
+            format!("url = \"redis://127.0.0.1:{port}\"\npassword = \"wrong\""),
+            false,
+        ),
+    ] {
+        let gw = gateway::start(&format!(
+            r#"
+            [redis]
+            {redis_section}
+            timeout = "500ms"
+            [[routes]]
+            path = "/"
+            targets = ["{}"]
+            rate_limit = {{ rate = "2/h", burst = 2, key = "route", scope = "global", on_store_error = "deny" }}
+            "#,
+            up.url()
+        ))
+        .await;
+        let s = statuses(&c, &gw, "/", 3, &[]).await;
+        // Refused credentials are a store error: `deny` answers 429 throughout.
+        let want = if works {
+            [200, 200, 429]
+        } else {
+            [429, 429, 429]
+        };
+        assert_eq!(s, want, "{redis_section}");
+        redis.cmd(&["FLUSHALL"]).await.unwrap();
+        gw.stop().await;
+    }
+}

@@ -15,6 +15,8 @@ pub struct Redis {
     bin: PathBuf,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// `requirepass`, when the server wants one.
+    password: Option<String>,
 }
 
 /// `redis-server` on `PATH`, if installed.
@@ -29,6 +31,11 @@ fn find() -> Option<PathBuf> {
 /// Starts redis-server, or returns `None` after a loud message when it is not installed
 /// (panics instead when `CI` is set: `.ci/run` installs it).
 pub async fn start(test: &str) -> Option<Redis> {
+    start_with_password(test, None).await
+}
+
+/// Like [`start`], with `requirepass` set when `password` is given.
+pub async fn start_with_password(test: &str, password: Option<&str>) -> Option<Redis> {
     let Some(bin) = find() else {
         let msg = "`redis-server` is not installed, so the Redis rate-limit tests cannot run. \
                    `.ci/run` installs it (apt-get install redis-server); locally: \
@@ -50,21 +57,34 @@ pub async fn start(test: &str) -> Option<Redis> {
         bin,
         dir: tempfile::tempdir().unwrap(),
         child: None,
+        password: password.map(str::to_owned),
     };
     r.start_again().await;
     Some(r)
 }
 
 impl Redis {
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, without credentials.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn admin_url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        }
     }
 
     /// Starts the server on its port and waits for PING.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let mut args: Vec<String> = Vec::new();
+        if let Some(p) = &self.password {
+            args.extend(["--requirepass".to_owned(), p.clone()]);
+        }
         let child = Command::new(&self.bin)
+            .args(&args)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -111,7 +131,7 @@ impl Redis {
 
     /// Runs one command on a fresh connection.
     pub async fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
+        let client = redis::Client::open(self.admin_url())?;
         let mut conn = tokio::time::timeout(
             Duration::from_secs(2),
             client.get_multiplexed_async_connection(),
