@@ -762,3 +762,26 @@ async fn redis_credentials_from_keys_or_the_url() {
         gw.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rediss_handshake_is_a_store_error() {
+    // A plain-TCP server behind a rediss:// URL: the TLS handshake fails (rustls is set up
+    // with the gateway's provider rather than panicking for lack of one) and deny decides.
+    let up = TestUpstream::builder().start().await;
+    let url = fake_redis(b"+OK\r\n")
+        .await
+        .replace("redis://", "rediss://");
+    let gw = global_gateway(&url, &up.url(), "burst = 3, on_store_error = \"deny\"").await;
+    let c = client();
+    assert_eq!(statuses(&c, &gw, "/x", 2, &[]).await, [429, 429]);
+    let table = gw.state.proxy.table.load();
+    let route = table.routes().iter().find(|r| &*r.name == "g").unwrap();
+    assert_eq!(
+        route
+            .rate_limiter()
+            .unwrap()
+            .store_errors
+            .load(Ordering::Relaxed),
+        2
+    );
+}
