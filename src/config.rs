@@ -2,6 +2,7 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
+pub mod auth;
 mod env;
 #[cfg(test)]
 mod limits_tests;
@@ -229,6 +230,7 @@ pub fn kv_route(key: &str, document: &[u8], config: &Config) -> Result<RouteConf
             .consul
             .as_ref()
             .is_some_and(|c| c.connect.enabled),
+        env: None,
     };
     let route = routes::single(&mut c, &raw, "", name, services);
     for p in &mut c.problems {
@@ -266,6 +268,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             static_services: &discovery.static_services,
             static_only: discovery.provider == Provider::Static,
             connect_default: discovery.consul.as_ref().is_some_and(|c| c.connect.enabled),
+            env: Some(env),
         },
     );
 

@@ -1,5 +1,6 @@
 //! The request path: route, pick, forward, respond. Errors become responses here, once.
 
+pub mod auth;
 pub mod body;
 pub mod client;
 pub mod error;
@@ -219,6 +220,8 @@ async fn route_request(
         permit: None,
         span,
         log,
+        api_key: None,
+        jwt_claims: None,
     };
     let result = match route.pipeline.request(&mut ex).await {
         Ok((Flow::Next, ran)) => {
@@ -267,7 +270,8 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::InvalidHead { .. }
         | ProxyError::InvalidPath { .. }
         | ProxyError::ClientBody { .. }
-        | ProxyError::ClientTimeout { .. } => {
+        | ProxyError::ClientTimeout { .. }
+        | ProxyError::AuthRefused { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
         ProxyError::NoEndpoint { .. } | ProxyError::Overloaded { .. } => {
@@ -278,6 +282,7 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::UnexpectedUpgrade { .. }
         | ProxyError::MeshUnavailable { .. }
         | ProxyError::MeshCertExpired { .. }
+        | ProxyError::AuthUnavailable { .. }
         | ProxyError::Upstream { .. } => {
             tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
         }
@@ -285,7 +290,24 @@ fn log_error(e: &ProxyError, route: &Route) {
 }
 
 /// The answer for a gateway error: the route's handler or page when set, else the JSON default.
+/// An authentication refusal carries its `WWW-Authenticate` challenge either way.
 pub fn error_response(
+    e: &ProxyError,
+    route: Option<&Route>,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let mut resp = error_answer(e, route, request_id);
+    if let ProxyError::AuthRefused {
+        challenge: Some(c), ..
+    } = e
+    {
+        resp.headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, c.clone());
+    }
+    resp
+}
+
+fn error_answer(
     e: &ProxyError,
     route: Option<&Route>,
     request_id: &HeaderValue,
@@ -305,7 +327,9 @@ pub fn error_response(
     let status = e.status();
     let retry_after = matches!(
         e,
-        ProxyError::Overloaded { .. } | ProxyError::NoEndpoint { .. }
+        ProxyError::Overloaded { .. }
+            | ProxyError::NoEndpoint { .. }
+            | ProxyError::AuthUnavailable { .. }
     );
     let body = serde_json::json!({
         "error": status.canonical_reason().unwrap_or("Error"),

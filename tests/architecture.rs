@@ -37,6 +37,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "src/discovery/consul/",
             "src/telemetry.rs",
             "src/telemetry/",
+            "src/auth.rs",
+            "src/auth/",
         ],
     ),
     ("data", &["src/proxy.rs", "src/proxy/"]),

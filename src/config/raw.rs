@@ -446,6 +446,8 @@ pub struct RawRoute {
     pub max_requests: Option<i64>,
     /// Requests allowed to queue for `max_requests`; beyond them the answer is 503. Default 0.
     pub max_pending: Option<i64>,
+    /// Authentication (JWT, API keys or forward auth). Default: none.
+    pub auth: Option<super::auth::RawAuth>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -596,6 +598,7 @@ impl Default for RawRoute {
             panic_threshold: None,
             max_requests: None,
             max_pending: None,
+            auth: None,
             unknown: Unknown::new(),
         }
     }

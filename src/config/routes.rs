@@ -31,6 +31,9 @@ pub(super) struct Services<'a> {
     pub(super) static_only: bool,
     /// `discovery.consul.connect.enabled`: the mesh default for routes naming a service.
     pub(super) connect_default: bool,
+    /// The environment `auth` secrets are read from; `None` for routes from Consul KV, which
+    /// may not name the gateway's variables.
+    pub(super) env: Option<&'a super::Env>,
 }
 
 /// Every route in file order. A route with no usable backend is still checked, then left out
@@ -119,7 +122,9 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Opt
     let service_settings = service_settings(c, rp, r);
     set.one_owner(c, rp, i, backend.as_ref(), &service_settings);
     let connect = connect(c, set, rp, r, backend.as_ref());
+    let auth = r.auth.as_ref().and_then(|a| super::auth::auth(c, &format!("{rp}.auth"), a, set.services.env));
     Some(RouteConfig {
+        auth,
         connect,
         name,
         path,

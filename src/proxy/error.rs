@@ -187,6 +187,22 @@ pub enum ProxyError {
         /// The gateway's identity name.
         identity: String,
     },
+    /// The route's `auth` refused the request; nothing was forwarded.
+    #[error("authentication refused the request ({})", .refusal.label())]
+    AuthRefused {
+        /// Why.
+        refusal: crate::auth::Refusal,
+        /// The `WWW-Authenticate` challenge for a 401 or 403.
+        challenge: Option<http::HeaderValue>,
+    },
+    /// The route's key set or forward-auth service could not be reached, so nobody can be
+    /// let in (503; `on_error = "deny"` makes it an `AuthRefused` instead).
+    #[error("authentication is unavailable")]
+    AuthUnavailable {
+        /// Why, when known.
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 impl From<RequestBodyError> for ProxyError {
@@ -250,6 +266,8 @@ impl ProxyError {
             Self::MeshDenied { l7: true, .. } => StatusCode::FORBIDDEN,
             Self::MeshDenied { l7: false, .. } => StatusCode::BAD_GATEWAY,
             Self::MeshCertExpired { .. } => StatusCode::BAD_GATEWAY,
+            Self::AuthRefused { refusal, .. } => refusal.status(),
+            Self::AuthUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -263,8 +281,10 @@ impl ProxyError {
             | Self::ClientTimeout { .. }
             | Self::InvalidRequest { .. }
             | Self::InvalidHead { .. }
-            | Self::InvalidPath { .. } => true,
+            | Self::InvalidPath { .. }
+            | Self::AuthRefused { .. } => true,
             Self::NoEndpoint { .. }
+            | Self::AuthUnavailable { .. }
             | Self::Overloaded { .. }
             | Self::Connect { .. }
             | Self::UpstreamTimeout { .. }
@@ -311,6 +331,10 @@ impl ProxyError {
             Self::MeshCertExpired { identity } => format!(
                 "the gateway's mesh certificate ({identity}) expired and Consul has not renewed it"
             ),
+            Self::AuthRefused { refusal, .. } => refusal.message().into(),
+            Self::AuthUnavailable { .. } => {
+                "the authentication service is unavailable; retry later".into()
+            }
         }
     }
 }
@@ -363,6 +387,21 @@ mod tests {
                 },
                 502,
             ),
+            (
+                ProxyError::AuthRefused {
+                    refusal: crate::auth::Refusal::Expired,
+                    challenge: None,
+                },
+                401,
+            ),
+            (
+                ProxyError::AuthRefused {
+                    refusal: crate::auth::Refusal::Claims,
+                    challenge: None,
+                },
+                403,
+            ),
+            (ProxyError::AuthUnavailable { source: None }, 503),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

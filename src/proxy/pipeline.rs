@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use http::header::HeaderValue;
 use http::request::Parts;
@@ -49,6 +50,10 @@ pub struct Exchange<'a> {
     pub span: &'a tracing::Span,
     /// Facts for the access log line, when the access log is on.
     pub log: Option<&'a mut RequestLog>,
+    /// The name of the API key the auth stage accepted (a rate-limit key).
+    pub api_key: Option<Arc<str>>,
+    /// The claims of the JWT the auth stage verified (`jwt:CLAIM` rate-limit keys).
+    pub jwt_claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 /// What a stage decided, or will decide once its future resolves.

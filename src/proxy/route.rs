@@ -62,6 +62,8 @@ pub struct Route {
     pub websocket_idle_timeout: Option<Duration>,
     /// Request counts by method and status class, latency histograms, retries.
     pub metrics: crate::metrics::RouteMetrics,
+    /// The route's `auth`, for `/status` and `/explain` (its stage holds its own copy).
+    pub auth: Option<crate::auth::AuthSettings>,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -84,6 +86,7 @@ impl Route {
         limiter: Option<Arc<Limiter>>,
     ) -> Self {
         let pool_name = pool.name().clone();
+        let metrics = crate::metrics::RouteMetrics::default();
         Self {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
@@ -91,9 +94,10 @@ impl Route {
             picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
             retry: cfg.retry.clone(),
             budget: Default::default(),
-            pipeline: pipeline(cfg, pool_name, limiter),
+            pipeline: pipeline(cfg, pool_name, limiter, &metrics),
             stream_timeout: cfg.stream_timeout,
-            metrics: Default::default(),
+            metrics,
+            auth: cfg.auth.clone(),
             client: None,
             upgrade_client: None,
             mesh: None,
@@ -131,8 +135,20 @@ impl Route {
 
 /// A route's stages from its settings, in the documented order; stages with nothing to do are
 /// left out, so a plain route runs only the forwarding headers.
-fn pipeline(cfg: &RouteConfig, service: Arc<str>, limiter: Option<Arc<Limiter>>) -> Pipeline {
+fn pipeline(
+    cfg: &RouteConfig,
+    service: Arc<str>,
+    limiter: Option<Arc<Limiter>>,
+    metrics: &crate::metrics::RouteMetrics,
+) -> Pipeline {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    if let Some(settings) = &cfg.auth {
+        stages.push(Box::new(super::auth::Auth {
+            settings: settings.clone(),
+            counters: metrics.auth.clone(),
+            route: cfg.name.clone(),
+        }));
+    }
     if let Some(limit) = cfg.max_body {
         stages.push(Box::new(BodyLimit { limit }));
     }
