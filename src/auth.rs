@@ -203,7 +203,10 @@ mod tests {
         for (i, r) in Refusal::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
             assert_eq!(
-                Refusal::ALL.iter().filter(|o| o.label() == r.label()).count(),
+                Refusal::ALL
+                    .iter()
+                    .filter(|o| o.label() == r.label())
+                    .count(),
                 1
             );
         }

@@ -242,7 +242,11 @@ async fn a_valid_jwt_passes_with_claim_headers_and_spoofed_copies_removed() {
     assert_eq!(code, 200);
     let seen = up.last_request().unwrap();
     let ids: Vec<_> = seen.headers.get_all("x-user-id").iter().collect();
-    assert_eq!(ids, ["alice"], "only the verified claim reaches the upstream");
+    assert_eq!(
+        ids,
+        ["alice"],
+        "only the verified claim reaches the upstream"
+    );
     assert_eq!(seen.headers["x-role"], "admin");
 
     // A token without the claim: the spoofed header is still removed, nothing replaces it.
@@ -266,7 +270,10 @@ async fn a_valid_jwt_passes_with_claim_headers_and_spoofed_copies_removed() {
 async fn refusals_are_401_or_403_with_challenges_and_nothing_reaches_the_upstream() {
     let up = TestUpstream::builder().start().await;
     let gw = gateway(
-        &jwt_route(&up, ", leeway = \"5s\", required_claims = { role = [\"admin\", \"ops\"] }"),
+        &jwt_route(
+            &up,
+            ", leeway = \"5s\", required_claims = { role = [\"admin\", \"ops\"] }",
+        ),
         &secret_env(),
     )
     .await;
@@ -287,19 +294,94 @@ async fn refusals_are_401_or_403_with_challenges_and_nothing_reaches_the_upstrea
         format!("Bearer {}", hs256(&c))
     };
     let cases: Vec<(&str, String, u16, &str)> = vec![
-        ("expired", with(&|c| c["exp"] = json!(now() - 60)), 401, "invalid_token"),
-        ("exp as a string", with(&|c| c["exp"] = json!("never")), 401, "invalid_token"),
-        ("not yet valid", with(&|c| c["nbf"] = json!(now() + 60)), 401, "invalid_token"),
-        ("other issuer", with(&|c| c["iss"] = json!("https://evil.example")), 401, "invalid_token"),
-        ("no audience", with(&|c| { c.as_object_mut().unwrap().remove("aud"); }), 401, "invalid_token"),
-        ("other audience", with(&|c| c["aud"] = json!(["billing"])), 401, "invalid_token"),
-        ("role refused", with(&|c| c["role"] = json!("guest")), 403, "insufficient_scope"),
-        ("wrong secret", format!("Bearer {}", encode(&Header::new(Algorithm::HS256), &claims("alice"), &EncodingKey::from_secret(b"some-other-secret-of-32-bytes-or-more")).unwrap()), 401, "invalid_token"),
-        ("bad base64", "Bearer !!!!.@@@@.####".into(), 401, "invalid_token"),
-        ("header not JSON", format!("Bearer {}.{}.c2ln", b64(b"{nope"), b64(b"{}")), 401, "invalid_token"),
-        ("payload not JSON", format!("Bearer {}.{}.c2ln", b64(br#"{"alg":"HS256"}"#), b64(b"[1,")), 401, "invalid_token"),
-        ("basic scheme", "Basic YWxpY2U6cHc=".into(), 400, "invalid_request"),
-        ("oversized", format!("Bearer {}", "a".repeat(9000)), 401, "invalid_token"),
+        (
+            "expired",
+            with(&|c| c["exp"] = json!(now() - 60)),
+            401,
+            "invalid_token",
+        ),
+        (
+            "exp as a string",
+            with(&|c| c["exp"] = json!("never")),
+            401,
+            "invalid_token",
+        ),
+        (
+            "not yet valid",
+            with(&|c| c["nbf"] = json!(now() + 60)),
+            401,
+            "invalid_token",
+        ),
+        (
+            "other issuer",
+            with(&|c| c["iss"] = json!("https://evil.example")),
+            401,
+            "invalid_token",
+        ),
+        (
+            "no audience",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("aud");
+            }),
+            401,
+            "invalid_token",
+        ),
+        (
+            "other audience",
+            with(&|c| c["aud"] = json!(["billing"])),
+            401,
+            "invalid_token",
+        ),
+        (
+            "role refused",
+            with(&|c| c["role"] = json!("guest")),
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "wrong secret",
+            format!(
+                "Bearer {}",
+                encode(
+                    &Header::new(Algorithm::HS256),
+                    &claims("alice"),
+                    &EncodingKey::from_secret(b"some-other-secret-of-32-bytes-or-more")
+                )
+                .unwrap()
+            ),
+            401,
+            "invalid_token",
+        ),
+        (
+            "bad base64",
+            "Bearer !!!!.@@@@.####".into(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "header not JSON",
+            format!("Bearer {}.{}.c2ln", b64(b"{nope"), b64(b"{}")),
+            401,
+            "invalid_token",
+        ),
+        (
+            "payload not JSON",
+            format!("Bearer {}.{}.c2ln", b64(br#"{"alg":"HS256"}"#), b64(b"[1,")),
+            401,
+            "invalid_token",
+        ),
+        (
+            "basic scheme",
+            "Basic YWxpY2U6cHc=".into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "oversized",
+            format!("Bearer {}", "a".repeat(9000)),
+            401,
+            "invalid_token",
+        ),
     ];
     for (what, auth, status, error) in &cases {
         let (code, h, body) = send(&c, url(), &[("authorization", auth)]).await;
@@ -344,11 +426,22 @@ async fn the_token_may_come_from_a_named_header_or_a_cookie() {
     let c = client();
     let token = hs256(&claims("carol"));
     let cookie = format!("theme=dark; session={token}");
-    assert_eq!(send(&c, gw.url("/orders"), &[("x-token", &token)]).await.0, 200);
-    assert_eq!(send(&c, gw.url("/orders"), &[("cookie", &cookie)]).await.0, 200);
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("x-token", &token)]).await.0,
+        200
+    );
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("cookie", &cookie)]).await.0,
+        200
+    );
     // Authorization is not read when another header is configured.
     let bearer = format!("Bearer {token}");
-    assert_eq!(send(&c, gw.url("/orders"), &[("authorization", &bearer)]).await.0, 401);
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("authorization", &bearer)])
+            .await
+            .0,
+        401
+    );
     assert_eq!(up.hits(), 2);
     assert_eq!(up.last_request().unwrap().headers["x-user-id"], "carol");
 }
@@ -378,7 +471,13 @@ async fn alg_none_and_rs_hs_confusion_are_refused() {
     let rsa = EncodingKey::from_rsa_der(RSA_PRIVATE);
     let good = signed(Algorithm::RS256, Some("rsa-1"), &rsa, &claims("alice"));
     assert_eq!(
-        send(&c, gw.url("/orders"), &[("authorization", &format!("Bearer {good}"))]).await.0,
+        send(
+            &c,
+            gw.url("/orders"),
+            &[("authorization", &format!("Bearer {good}"))]
+        )
+        .await
+        .0,
         200
     );
 
@@ -390,7 +489,10 @@ async fn alg_none_and_rs_hs_confusion_are_refused() {
     );
     // HS256 keyed with the RSA public key (DER, and the JWK text), with and without the kid.
     let mut attacks = vec![none];
-    for secret in [RSA_PUBLIC.to_vec(), rsa_jwk("rsa-1").to_string().into_bytes()] {
+    for secret in [
+        RSA_PUBLIC.to_vec(),
+        rsa_jwk("rsa-1").to_string().into_bytes(),
+    ] {
         for kid in [Some("rsa-1"), None] {
             attacks.push(signed(
                 Algorithm::HS256,
@@ -401,8 +503,12 @@ async fn alg_none_and_rs_hs_confusion_are_refused() {
         }
     }
     for t in &attacks {
-        let (code, h, _) =
-            send(&c, gw.url("/orders"), &[("authorization", &format!("Bearer {t}"))]).await;
+        let (code, h, _) = send(
+            &c,
+            gw.url("/orders"),
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+        .await;
         assert_eq!(code, 401, "{t}");
         assert!(challenge(&h).contains("invalid_token"));
     }
@@ -440,7 +546,12 @@ async fn jwks_url_keys_are_fetched_refetched_on_an_unknown_kid_at_most_once_per_
     let t2 = bearer(&k2, "k2");
 
     // The first request waits for the first fetch.
-    assert_eq!(send(&c, gw.url("/orders"), &[("authorization", &t1)]).await.0, 200);
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("authorization", &t1)])
+            .await
+            .0,
+        200
+    );
     assert_eq!(server.fetches(), 1);
 
     // The key rotates; an unknown kid right away is refused without another fetch.
@@ -452,7 +563,10 @@ async fn jwks_url_keys_are_fetched_refetched_on_an_unknown_kid_at_most_once_per_
 
     // Once the gap has passed, the unknown kid triggers one refetch and passes.
     let passed = eventually(Duration::from_secs(5), || async {
-        send(&c, gw.url("/orders"), &[("authorization", &t2)]).await.0 == 200
+        send(&c, gw.url("/orders"), &[("authorization", &t2)])
+            .await
+            .0
+            == 200
     })
     .await;
     assert!(passed, "the rotated key was fetched");
@@ -463,14 +577,33 @@ async fn jwks_url_keys_are_fetched_refetched_on_an_unknown_kid_at_most_once_per_
     let (k3, _) = ec_key("k3");
     let t3 = bearer(&k3, "k3");
     let refetched = eventually(Duration::from_secs(5), || async {
-        assert_eq!(send(&c, gw.url("/orders"), &[("authorization", &t3)]).await.0, 401);
+        assert_eq!(
+            send(&c, gw.url("/orders"), &[("authorization", &t3)])
+                .await
+                .0,
+            401
+        );
         server.fetches() >= 3
     })
     .await;
     assert!(refetched);
-    assert_eq!(send(&c, gw.url("/orders"), &[("authorization", &t1)]).await.0, 200);
-    assert_eq!(send(&c, gw.url("/orders"), &[("authorization", &t2)]).await.0, 200);
-    assert!(server.fetches() <= 4, "fetches stay bounded: {}", server.fetches());
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("authorization", &t1)])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("authorization", &t2)])
+            .await
+            .0,
+        200
+    );
+    assert!(
+        server.fetches() <= 4,
+        "fetches stay bounded: {}",
+        server.fetches()
+    );
     assert_eq!(up.hits(), 4);
 }
 
@@ -495,8 +628,12 @@ async fn an_unreachable_jwks_is_a_503_and_nothing_is_forwarded() {
     let c = client();
     let (k1, _) = ec_key("k1");
     let t = signed(Algorithm::ES256, Some("k1"), &k1, &claims("alice"));
-    let (code, h, body) =
-        send(&c, gw.url("/orders"), &[("authorization", &format!("Bearer {t}"))]).await;
+    let (code, h, body) = send(
+        &c,
+        gw.url("/orders"),
+        &[("authorization", &format!("Bearer {t}"))],
+    )
+    .await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(h["retry-after"], "1");
     assert_eq!(up.hits(), 0);
@@ -537,7 +674,11 @@ async fn api_keys_are_found_by_hash_named_and_reread_on_reload() {
     )
     .unwrap();
     let config_path = dir.path().join("gateway.toml");
-    std::fs::write(&config_path, format!("{}\n{SERVER}", keys_route(&up, &keys))).unwrap();
+    std::fs::write(
+        &config_path,
+        format!("{}\n{SERVER}", keys_route(&up, &keys)),
+    )
+    .unwrap();
     let config = Config::load(&config_path, &Env::default()).unwrap();
     let buf = SharedBuf::default();
     let access = AccessLog::to_writer(AccessFormat::Json, buf.clone()).unwrap();
@@ -551,14 +692,21 @@ async fn api_keys_are_found_by_hash_named_and_reread_on_reload() {
 
     let (code, h, _) = send(&c, gw.url("/partners"), &[]).await;
     assert_eq!(code, 401);
-    assert_eq!(challenge(&h), "ApiKey realm=\"meshgate\", header=\"x-api-key\"");
     assert_eq!(
-        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-2")]).await.0,
+        challenge(&h),
+        "ApiKey realm=\"meshgate\", header=\"x-api-key\""
+    );
+    assert_eq!(
+        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-2")])
+            .await
+            .0,
         401
     );
     assert_eq!(up.hits(), 0);
     assert_eq!(
-        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-1")]).await.0,
+        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-1")])
+            .await
+            .0,
         200
     );
     let seen = up.last_request().unwrap();
@@ -573,7 +721,10 @@ async fn api_keys_are_found_by_hash_named_and_reread_on_reload() {
         .flush(Duration::from_secs(5))
         .await;
     let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[2]["identity"], "acme");
     assert!(lines[0].get("identity").is_none());
@@ -584,11 +735,15 @@ async fn api_keys_are_found_by_hash_named_and_reread_on_reload() {
     let resp = c.post(gw.admin_url("/reload")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(
-        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-1")]).await.0,
+        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-1")])
+            .await
+            .0,
         401
     );
     assert_eq!(
-        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-2")]).await.0,
+        send(&c, gw.url("/partners"), &[("x-api-key", "acme-key-2")])
+            .await
+            .0,
         200
     );
     assert_eq!(up.hits(), 2);
@@ -650,8 +805,18 @@ async fn forward_auth_passes_on_2xx_relays_refusals_and_fails_closed() {
     let dead = dead_port().await;
     let toml = [
         forward_route(&up, "app", &format!("http://{auth}/check"), "unavailable"),
-        forward_route(&up, "strict", &format!("http://127.0.0.1:{dead}/check"), "deny"),
-        forward_route(&up, "lenient", &format!("http://127.0.0.1:{dead}/check"), "unavailable"),
+        forward_route(
+            &up,
+            "strict",
+            &format!("http://127.0.0.1:{dead}/check"),
+            "deny",
+        ),
+        forward_route(
+            &up,
+            "lenient",
+            &format!("http://127.0.0.1:{dead}/check"),
+            "unavailable",
+        ),
     ]
     .concat();
     let gw = gateway(&toml, &Env::default()).await;
@@ -661,7 +826,11 @@ async fn forward_auth_passes_on_2xx_relays_refusals_and_fails_closed() {
     let (code, _, _) = send(
         &c,
         gw.url("/app/orders?id=7"),
-        &[("authorization", "Bearer good"), ("x-auth-user", "root"), ("cookie", "a=b")],
+        &[
+            ("authorization", "Bearer good"),
+            ("x-auth-user", "root"),
+            ("cookie", "a=b"),
+        ],
     )
     .await;
     assert_eq!(code, 200);
@@ -672,10 +841,18 @@ async fn forward_auth_passes_on_2xx_relays_refusals_and_fails_closed() {
     let asked = seen.lock().unwrap().last().unwrap().clone();
     assert_eq!(asked["x-forwarded-uri"], "/app/orders?id=7");
     assert_eq!(asked["x-forwarded-method"], "GET");
-    assert!(asked.get("cookie").is_none(), "only the listed request headers");
+    assert!(
+        asked.get("cookie").is_none(),
+        "only the listed request headers"
+    );
 
-    // Anything else goes back as it came.
-    let resp = c
+    // Anything else goes back as it came (this client does not follow the redirect).
+    let no_redirect = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = no_redirect
         .get(gw.url("/app"))
         .header("authorization", "Bearer bad")
         .send()
@@ -699,7 +876,12 @@ async fn forward_auth_passes_on_2xx_relays_refusals_and_fails_closed() {
     assert!(challenge(&h).starts_with("Bearer"));
     assert_eq!(up.hits(), 1);
     assert_eq!(
-        metric(&c, &gw, "meshgate_auth_refused_total{route=\"app\",reason=\"denied\"}").await,
+        metric(
+            &c,
+            &gw,
+            "meshgate_auth_refused_total{route=\"app\",reason=\"denied\"}"
+        )
+        .await,
         Some(1.0)
     );
 }
@@ -709,11 +891,8 @@ async fn forward_auth_passes_on_2xx_relays_refusals_and_fails_closed() {
 #[tokio::test]
 async fn tokens_never_appear_in_the_access_log_or_explain() {
     let up = TestUpstream::builder().start().await;
-    let config = Config::from_toml(
-        &format!("{}\n{SERVER}", jwt_route(&up, "")),
-        &secret_env(),
-    )
-    .unwrap();
+    let config =
+        Config::from_toml(&format!("{}\n{SERVER}", jwt_route(&up, "")), &secret_env()).unwrap();
     let buf = SharedBuf::default();
     let access = AccessLog::to_writer(AccessFormat::Text, buf.clone()).unwrap();
     let gw = start_gateway(
@@ -726,7 +905,12 @@ async fn tokens_never_appear_in_the_access_log_or_explain() {
     expired["exp"] = json!(now() - 3600);
     let expired = hs256(&expired);
     for t in [&good, &expired] {
-        send(&c, gw.url("/orders"), &[("authorization", &format!("Bearer {t}"))]).await;
+        send(
+            &c,
+            gw.url("/orders"),
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+        .await;
     }
     gw.state
         .proxy
@@ -750,10 +934,21 @@ async fn tokens_never_appear_in_the_access_log_or_explain() {
     let e: Value = serde_json::from_str(&explain).unwrap();
     assert_eq!(e["auth"]["method"], "jwt", "{explain}");
     assert_eq!(e["auth"]["last_refusal"], "expired", "{explain}");
-    let status = c.get(gw.admin_url("/status")).send().await.unwrap().text().await.unwrap();
+    let status = c
+        .get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for t in [&good, &expired] {
         let signature = t.rsplit('.').next().unwrap();
-        for (what, text) in [("access log", &log), ("/explain", &explain), ("/status", &status)] {
+        for (what, text) in [
+            ("access log", &log),
+            ("/explain", &explain),
+            ("/status", &status),
+        ] {
             assert!(!text.contains(signature), "{what} holds a token: {text}");
             assert!(!text.contains(&t[..20]), "{what} holds a token: {text}");
         }

@@ -21,7 +21,10 @@ impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKeys")
             .field("header", &self.header)
-            .field("keys", &self.entries.iter().map(|e| &e.0).collect::<Vec<_>>())
+            .field(
+                "keys",
+                &self.entries.iter().map(|e| &e.0).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -166,7 +166,11 @@ impl ForwardAuth {
     }
 
     /// Asks the service about a request with these headers.
-    pub async fn check(&self, asked: Asked<'_>, incoming: &HeaderMap) -> Result<Verdict, ForwardError> {
+    pub async fn check(
+        &self,
+        asked: Asked<'_>,
+        incoming: &HeaderMap,
+    ) -> Result<Verdict, ForwardError> {
         let client = self.client()?;
         let mut headers = HeaderMap::new();
         match &self.copy_request_headers {

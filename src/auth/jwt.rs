@@ -245,7 +245,8 @@ fn key_from_jwk(raw: Value) -> Result<VerifyKey, String> {
     let alg = match jwk.common.key_algorithm {
         None => implied,
         Some(a) => {
-            let alg = signing_alg(a).ok_or_else(|| format!("\"alg\": {a} is not a signing algorithm"))?;
+            let alg =
+                signing_alg(a).ok_or_else(|| format!("\"alg\": {a} is not a signing algorithm"))?;
             let fits = match &jwk.algorithm {
                 AlgorithmParameters::RSA(_) => matches!(
                     alg,
@@ -369,7 +370,9 @@ impl JwtSettings {
         }
         if !self.required_claims.is_empty() {
             let names: Vec<&str> = self.required_claims.keys().map(String::as_str).collect();
-            s.push_str(&format!(", with the required claims {names:?} (403 otherwise)"));
+            s.push_str(&format!(
+                ", with the required claims {names:?} (403 otherwise)"
+            ));
         }
         s
     }

@@ -269,7 +269,9 @@ fn jwt(c: &mut Problems, at: &str, raw: &RawJwt, env: Option<&Env>) -> Option<Jw
             if secret.len() < 32 {
                 c.err(
                     path,
-                    format!("the secret in {var} is shorter than 32 bytes; HS256 needs at least 32"),
+                    format!(
+                        "the secret in {var} is shorter than 32 bytes; HS256 needs at least 32"
+                    ),
                 );
                 return None;
             }
@@ -305,8 +307,13 @@ fn jwt(c: &mut Problems, at: &str, raw: &RawJwt, env: Option<&Env>) -> Option<Jw
     }
     let token_header = header(c, &format!("{at}.header"), &raw.header);
     if let Some(cookie) = &raw.cookie {
-        if cookie.is_empty() || cookie.contains(|ch: char| ch == '=' || ch == ';' || ch.is_whitespace()) {
-            c.err(format!("{at}.cookie"), format!("invalid cookie name {cookie:?}"));
+        if cookie.is_empty()
+            || cookie.contains(|ch: char| ch == '=' || ch == ';' || ch.is_whitespace())
+        {
+            c.err(
+                format!("{at}.cookie"),
+                format!("invalid cookie name {cookie:?}"),
+            );
         }
     }
     for (i, a) in raw.audiences.iter().enumerate() {
@@ -357,7 +364,9 @@ fn keys(c: &mut Problems, at: &str, raw: &RawApiKeys, env: Option<&Env>) -> Opti
                     if entries.iter().any(|(n, h)| *n == name || *h == hash) {
                         c.err(
                             &path,
-                            format!("key {name:?} from {origin} repeats a name or hash given earlier"),
+                            format!(
+                                "key {name:?} from {origin} repeats a name or hash given earlier"
+                            ),
                         );
                     } else {
                         entries.push((name, hash));
@@ -390,7 +399,9 @@ fn forward(c: &mut Problems, at: &str, raw: &RawForwardAuth) -> Option<ForwardAu
         other => {
             c.err(
                 format!("{at}.on_error"),
-                format!("unknown value {other:?}; expected \"unavailable\" (503) or \"deny\" (401)"),
+                format!(
+                    "unknown value {other:?}; expected \"unavailable\" (503) or \"deny\" (401)"
+                ),
             );
             OnError::Unavailable
         }

@@ -122,7 +122,10 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Opt
     let service_settings = service_settings(c, rp, r);
     set.one_owner(c, rp, i, backend.as_ref(), &service_settings);
     let connect = connect(c, set, rp, r, backend.as_ref());
-    let auth = r.auth.as_ref().and_then(|a| super::auth::auth(c, &format!("{rp}.auth"), a, set.services.env));
+    let auth = r
+        .auth
+        .as_ref()
+        .and_then(|a| super::auth::auth(c, &format!("{rp}.auth"), a, set.services.env));
     Some(RouteConfig {
         auth,
         connect,

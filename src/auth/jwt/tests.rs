@@ -105,7 +105,8 @@ fn required_claims_refuse_with_403_reason() {
     let mut s = settings(KeySet::from_secret(SECRET));
     s.required_claims
         .insert("groups".into(), vec![json!("admin"), json!("ops")]);
-    s.required_claims.insert("email_verified".into(), vec![json!(true)]);
+    s.required_claims
+        .insert("email_verified".into(), vec![json!(true)]);
     let ok = with(
         with(good(), "groups", json!(["dev", "ops"])),
         "email_verified",
@@ -171,9 +172,10 @@ fn malformed_tokens_never_panic() {
 }
 
 fn rsa_jwk(extra: Value) -> Value {
-    let mut jwk: Value =
-        serde_json::from_str(include_str!("../../../tests/fixtures/auth/rsa_public.jwk.json"))
-            .unwrap();
+    let mut jwk: Value = serde_json::from_str(include_str!(
+        "../../../tests/fixtures/auth/rsa_public.jwk.json"
+    ))
+    .unwrap();
     for (k, v) in extra.as_object().unwrap() {
         jwk[k] = v.clone();
     }
