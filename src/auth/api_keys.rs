@@ -7,6 +7,9 @@ use std::sync::Arc;
 use http::HeaderName;
 use subtle::ConstantTimeEq;
 
+/// One key: its name and the SHA-256 of the key.
+pub type Entry = (Arc<str>, [u8; 32]);
+
 /// `auth.api_keys`, validated with its keys loaded.
 #[derive(Clone, PartialEq)]
 pub struct ApiKeys {
@@ -14,7 +17,7 @@ pub struct ApiKeys {
     pub header: HeaderName,
     /// Remove the key header before forwarding (`hide_credentials`).
     pub hide: bool,
-    entries: Vec<(Arc<str>, [u8; 32])>,
+    entries: Vec<Entry>,
 }
 
 impl fmt::Debug for ApiKeys {
@@ -40,7 +43,7 @@ pub struct LineError {
 
 impl ApiKeys {
     /// Keys from already parsed entries; names and hashes must be unique (see `parse`).
-    pub fn new(header: HeaderName, hide: bool, entries: Vec<(Arc<str>, [u8; 32])>) -> Self {
+    pub fn new(header: HeaderName, hide: bool, entries: Vec<Entry>) -> Self {
         Self {
             header,
             hide,
@@ -76,8 +79,8 @@ impl ApiKeys {
 
 /// Parses `NAME SHA256-HEX` lines: blank lines and `#` comments (whole line or trailing) are
 /// skipped; names are unique, as are hashes.
-pub fn parse(text: &str) -> Result<Vec<(Arc<str>, [u8; 32])>, Vec<LineError>> {
-    let mut out: Vec<(Arc<str>, [u8; 32])> = Vec::new();
+pub fn parse(text: &str) -> Result<Vec<Entry>, Vec<LineError>> {
+    let mut out: Vec<Entry> = Vec::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();

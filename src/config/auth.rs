@@ -342,7 +342,7 @@ fn keys(c: &mut Problems, at: &str, raw: &RawApiKeys, env: Option<&Env>) -> Opti
         c.err(at, "needs keys_file or keys_env (or both)");
         return None;
     }
-    let mut entries: Vec<(Arc<str>, [u8; 32])> = Vec::new();
+    let mut entries: Vec<api_keys::Entry> = Vec::new();
     let mut texts = Vec::new();
     if let Some(file) = &raw.keys_file {
         let path = format!("{at}.keys_file");
