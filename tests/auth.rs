@@ -608,6 +608,60 @@ async fn jwks_url_keys_are_fetched_refetched_on_an_unknown_kid_at_most_once_per_
 }
 
 #[tokio::test]
+async fn jwks_url_keys_are_refreshed_in_the_background_once_old() {
+    let up = TestUpstream::builder().start().await;
+    let (k1, jwk1) = ec_key("k1");
+    let (server, jwks_addr) = Jwks::start(json!({"keys": [jwk1]}).to_string()).await;
+    let gw = gateway(
+        &format!(
+            r#"
+            [[routes]]
+            name = "orders"
+            path = "/orders"
+            targets = ["{}"]
+            auth = {{ jwt = {{ jwks_url = "http://{jwks_addr}/jwks.json", jwks_refresh = "1s", jwks_min_refresh = "100ms" }} }}
+            "#,
+            up.url()
+        ),
+        &Env::default(),
+    )
+    .await;
+    let c = client();
+    let t1 = format!(
+        "Bearer {}",
+        signed(Algorithm::ES256, Some("k1"), &k1, &claims("alice"))
+    );
+    assert_eq!(
+        send(&c, gw.url("/orders"), &[("authorization", &t1)])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(server.fetches(), 1);
+    // Every request is served from the cached set while it is refreshed behind them.
+    let refreshed = eventually(Duration::from_secs(5), || async {
+        assert_eq!(
+            send(&c, gw.url("/orders"), &[("authorization", &t1)])
+                .await
+                .0,
+            200
+        );
+        server.fetches() >= 2
+    })
+    .await;
+    assert!(refreshed, "the key set was refetched after jwks_refresh");
+    let status: Value = c
+        .get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["routes"][0]["auth"]["jwks"]["keys"], 1, "{status}");
+}
+
+#[tokio::test]
 async fn an_unreachable_jwks_is_a_503_and_nothing_is_forwarded() {
     let up = TestUpstream::builder().start().await;
     let dead = dead_port().await;

@@ -447,7 +447,7 @@ pub struct RawRoute {
     /// Requests allowed to queue for `max_requests`; beyond them the answer is 503. Default 0.
     pub max_pending: Option<i64>,
     /// Authentication (JWT, API keys or forward auth). Default: none.
-    pub auth: Option<super::auth::RawAuth>,
+    pub auth: Option<super::auth::raw::RawAuth>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,

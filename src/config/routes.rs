@@ -33,7 +33,7 @@ pub(super) struct Services<'a> {
     pub(super) connect_default: bool,
     /// The environment `auth` secrets are read from; `None` for routes from Consul KV, which
     /// may not name the gateway's variables.
-    pub(super) env: Option<&'a super::Env>,
+    pub(super) env: Option<&'a super::env::Env>,
 }
 
 /// Every route in file order. A route with no usable backend is still checked, then left out

@@ -10,7 +10,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::KeySet;
+use super::keys::KeySet;
 
 /// Longest wait for a fetch, and its HTTP timeout.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
