@@ -528,7 +528,7 @@ async fn jwks_url_keys_are_fetched_refetched_on_an_unknown_kid_at_most_once_per_
             name = "orders"
             path = "/orders"
             targets = ["{}"]
-            auth = {{ jwt = {{ jwks_url = "http://{jwks_addr}/jwks.json", jwks_min_refresh = "400ms", audiences = ["orders"] }} }}
+            auth = {{ jwt = {{ jwks_url = "http://{jwks_addr}/jwks.json", jwks_min_refresh = "2s", audiences = ["orders"] }} }}
             "#,
             up.url()
         ),
@@ -576,7 +576,7 @@ async fn jwks_url_keys_are_fetched_refetched_on_an_unknown_kid_at_most_once_per_
     server.set("<html>maintenance</html>".into());
     let (k3, _) = ec_key("k3");
     let t3 = bearer(&k3, "k3");
-    let refetched = eventually(Duration::from_secs(5), || async {
+    let refetched = eventually(Duration::from_secs(10), || async {
         assert_eq!(
             send(&c, gw.url("/orders"), &[("authorization", &t3)])
                 .await
@@ -639,7 +639,7 @@ async fn jwks_url_keys_are_refreshed_in_the_background_once_old() {
     );
     assert_eq!(server.fetches(), 1);
     // Every request is served from the cached set while it is refreshed behind them.
-    let refreshed = eventually(Duration::from_secs(5), || async {
+    let refreshed = eventually(Duration::from_secs(10), || async {
         assert_eq!(
             send(&c, gw.url("/orders"), &[("authorization", &t1)])
                 .await
@@ -823,7 +823,7 @@ async fn auth_server() -> (SocketAddr, Arc<Mutex<Vec<http::HeaderMap>>>) {
                     .body(Full::new(Bytes::new()))
                     .unwrap(),
                 Some("Bearer slow") => {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
                     Response::new(Full::new(Bytes::new()))
                 }
                 _ => Response::builder()
@@ -846,7 +846,7 @@ fn forward_route(up: &TestUpstream, name: &str, url: &str, on_error: &str) -> St
         name = "{name}"
         path = "/{name}"
         targets = ["{}"]
-        auth = {{ forward = {{ url = "{url}", copy_request_headers = ["Authorization"], copy_response_headers = ["X-Auth-User"], timeout = "300ms", on_error = "{on_error}" }} }}
+        auth = {{ forward = {{ url = "{url}", copy_request_headers = ["Authorization"], copy_response_headers = ["X-Auth-User"], timeout = "1s", on_error = "{on_error}" }} }}
         "#,
         up.url()
     )

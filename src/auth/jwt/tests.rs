@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use http::header::AUTHORIZATION;
-use jsonwebtoken::{encode, EncodingKey, Header};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use super::*;
