@@ -1008,3 +1008,56 @@ async fn tokens_never_appear_in_the_access_log_or_explain() {
         }
     }
 }
+
+// === meshgate check ===
+
+#[test]
+fn meshgate_check_reports_bad_auth_values_with_their_key_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "acme not-a-sha256\n").unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+            [[routes]]
+            path = "/a"
+            targets = ["http://127.0.0.1:1"]
+            auth = {{ jwt = {{ hs256_secret_env = "JWT_SECRET", leeway = "soon" }} }}
+            [[routes]]
+            path = "/b"
+            targets = ["http://127.0.0.1:2"]
+            auth = {{ api_keys = {{ keys_file = {:?} }} }}
+            [[routes]]
+            path = "/c"
+            targets = ["http://127.0.0.1:3"]
+            auth = {{ forward = {{ url = "auth:8080", on_error = "maybe" }} }}
+            "#,
+            keys.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env("JWT_SECRET", "too-short")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "routes[0].auth.jwt.leeway: invalid duration \"soon\"",
+        "routes[0].auth.jwt.hs256_secret_env: the secret in JWT_SECRET is shorter than 32 bytes",
+        "routes[1].auth.api_keys.keys_file: ",
+        "line 1: key \"acme\": the second field must be 64 hex digits",
+        "routes[2].auth.forward.url: invalid URL \"auth:8080\"",
+        "routes[2].auth.forward.on_error: unknown value \"maybe\"",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(
+        !err.contains("too-short"),
+        "the secret is never printed:\n{err}"
+    );
+}
