@@ -433,11 +433,55 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                 "slow_start_ms": settings.slow_start.as_millis() as u64,
             },
             "outcome": outcome,
+            "auth": auth_json(&route, true),
             "candidates": candidates,
             "excluded": excluded,
             "not_in_pool": not_in_pool,
         }),
     )
+}
+
+/// A route's `auth` for `/status` (counts) and `/explain` (what passes, the last refusal and
+/// why). Never a credential: settings describe themselves without secrets.
+fn auth_json(route: &crate::proxy::Route, explain: bool) -> Value {
+    use crate::auth::Refusal;
+    let Some(a) = &route.auth else {
+        return Value::Null;
+    };
+    let c = &route.metrics.auth;
+    let mut refused = serde_json::Map::new();
+    for r in Refusal::ALL {
+        let n = c.refused[r.index()].load(std::sync::atomic::Ordering::Relaxed);
+        if n > 0 {
+            refused.insert(r.label().into(), json!(n));
+        }
+    }
+    let mut out = json!({
+        "method": a.kind(),
+        "allowed": c.allowed.load(std::sync::atomic::Ordering::Relaxed),
+        "refused": refused,
+    });
+    if let crate::auth::AuthSettings::Jwt(j) = a {
+        if let crate::auth::jwt::KeySource::Remote(r) = &j.keys {
+            out["jwks"] = json!({
+                "url": r.url().as_str(),
+                "keys": r.loaded().map(|(n, _)| n),
+                "age_s": r.loaded().map(|(_, age)| age.as_secs()),
+            });
+        }
+    }
+    if explain {
+        out["requires"] = json!(a.requirement());
+        out["answers"] = json!(
+            "the auth stage runs first: without valid credentials the gateway answers 401 (400 for unreadable ones, 403 for a valid identity the route's claims refuse, 503 when keys or the auth service are unreachable) and nothing reaches the upstream"
+        );
+        let last = c.last_refusal.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = last.checked_sub(1).and_then(|i| Refusal::ALL.get(i)) {
+            out["last_refusal"] = json!(r.label());
+            out["last_refusal_message"] = json!(r.message());
+        }
+    }
+    out
 }
 
 fn rate(part: u64, total: u64) -> f64 {
@@ -552,6 +596,7 @@ pub fn status(state: &ControlState) -> Value {
                     v["missing_key"] = json!(m.missing_key.load(Ordering::Relaxed));
                     v
                 }),
+                "auth": auth_json(r, false),
             })
         })
         .collect();

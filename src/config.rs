@@ -2,6 +2,7 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
+pub mod auth;
 mod env;
 #[cfg(test)]
 mod limits_tests;
@@ -237,6 +238,7 @@ pub fn kv_route(key: &str, document: &[u8], config: &Config) -> Result<RouteConf
             .is_some_and(|c| c.connect.enabled),
         policies: &config.policies,
         redis: config.redis.is_some(),
+        env: None,
     };
     let route = routes::single(&mut c, &raw, "", name, services);
     for p in &mut c.problems {
@@ -269,7 +271,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let tracing = tracing(&mut c, &raw.tracing, env);
     let redis = raw.redis.as_ref().and_then(|r| ratelimit::redis(&mut c, r));
     let redis_set = raw.redis.is_some();
-    let policies = policies::policies(&mut c, &raw.policies, redis_set);
+    let policies = policies::policies(&mut c, &raw.policies, redis_set, env);
     let routes = routes::routes(
         &mut c,
         &raw.routes,
@@ -279,6 +281,7 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             connect_default: discovery.consul.as_ref().is_some_and(|c| c.connect.enabled),
             policies: &policies,
             redis: redis_set,
+            env: Some(env),
         },
     );
 

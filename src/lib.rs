@@ -7,7 +7,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | leaf | [`clock`], [`error`], [`tls`], [`limits`], [`metrics`], [`discovery`] (vocabulary), [`body`], [`conn`], [`rules`], [`mock`] |
-//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`], [`ratelimit`] |
+//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`], [`ratelimit`], [`auth`] |
 //! | data plane | [`proxy`]: route and table, stage pipeline, forwarding, pool, response body, upgrades |
 //! | serving | [`server`] (decides which admin paths the main listener answers) |
 //! | configuration | [`config`]: figment, raw, validated, from the lower layers' settings types |
@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod builder;

@@ -1,5 +1,6 @@
 //! The request path: route, pick, forward, respond. Errors become responses here, once.
 
+pub mod auth;
 pub mod body;
 pub mod client;
 pub mod error;
@@ -296,7 +297,8 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::ClientBody { .. }
         | ProxyError::ClientTimeout { .. }
         | ProxyError::RateLimited(_)
-        | ProxyError::RateLimitKeyMissing { .. } => {
+        | ProxyError::RateLimitKeyMissing { .. }
+        | ProxyError::AuthRefused { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
         ProxyError::NoEndpoint { .. } | ProxyError::Overloaded { .. } => {
@@ -307,6 +309,7 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::UnexpectedUpgrade { .. }
         | ProxyError::MeshUnavailable { .. }
         | ProxyError::MeshCertExpired { .. }
+        | ProxyError::AuthUnavailable { .. }
         | ProxyError::Upstream { .. } => {
             tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
         }
@@ -314,6 +317,7 @@ fn log_error(e: &ProxyError, route: &Route) {
 }
 
 /// The answer for a gateway error: the route's handler or page when set, else the JSON default.
+/// An authentication refusal carries its `WWW-Authenticate` challenge either way.
 pub fn error_response(
     e: &ProxyError,
     route: Option<&Route>,
@@ -327,6 +331,13 @@ pub fn error_response(
         h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         h.insert(ratelimit::RATELIMIT_POLICY.clone(), r.policy.clone());
         h.insert(ratelimit::RATELIMIT.clone(), r.state.clone());
+    }
+    if let ProxyError::AuthRefused {
+        challenge: Some(c), ..
+    } = e
+    {
+        resp.headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, c.clone());
     }
     resp
 }
@@ -355,7 +366,9 @@ fn error_body(
     let status = e.status();
     let retry_after = matches!(
         e,
-        ProxyError::Overloaded { .. } | ProxyError::NoEndpoint { .. }
+        ProxyError::Overloaded { .. }
+            | ProxyError::NoEndpoint { .. }
+            | ProxyError::AuthUnavailable { .. }
     );
     let body = serde_json::json!({
         "error": status.canonical_reason().unwrap_or("Error"),

@@ -39,6 +39,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "src/telemetry/",
             "src/ratelimit.rs",
             "src/ratelimit/",
+            "src/auth.rs",
+            "src/auth/",
         ],
     ),
     ("data", &["src/proxy.rs", "src/proxy/"]),

@@ -463,6 +463,8 @@ pub struct RawRoute {
     /// Named policies (`[policies.NAME]`) this route uses.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<String>,
+    /// Authentication (JWT, API keys or forward auth). Default: none.
+    pub auth: Option<super::auth::raw::RawAuth>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -615,6 +617,7 @@ impl Default for RawRoute {
             max_pending: None,
             rate_limit: None,
             policies: Vec::new(),
+            auth: None,
             unknown: Unknown::new(),
         }
     }
@@ -684,6 +687,8 @@ pub struct RawErrorPage {
 pub struct RawPolicy {
     /// A rate limit whose buckets every route naming this policy shares.
     pub rate_limit: Option<super::ratelimit::raw::RawRateLimit>,
+    /// Authentication for every route naming this policy.
+    pub auth: Option<super::auth::raw::RawAuth>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,

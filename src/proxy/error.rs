@@ -212,6 +212,22 @@ pub enum ProxyError {
         /// The limit.
         name: Arc<str>,
     },
+    /// The route's `auth` refused the request; nothing was forwarded.
+    #[error("authentication refused the request ({})", .refusal.label())]
+    AuthRefused {
+        /// Why.
+        refusal: crate::auth::Refusal,
+        /// The `WWW-Authenticate` challenge for a 401 or 403.
+        challenge: Option<http::HeaderValue>,
+    },
+    /// The route's key set or forward-auth service could not be reached, so nobody can be
+    /// let in (503; `on_error = "deny"` makes it an `AuthRefused` instead).
+    #[error("authentication is unavailable")]
+    AuthUnavailable {
+        /// Why, when known.
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 impl From<RequestBodyError> for ProxyError {
@@ -277,6 +293,8 @@ impl ProxyError {
             Self::MeshCertExpired { .. } => StatusCode::BAD_GATEWAY,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::RateLimitKeyMissing { .. } => StatusCode::BAD_REQUEST,
+            Self::AuthRefused { refusal, .. } => refusal.status(),
+            Self::AuthUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -292,8 +310,10 @@ impl ProxyError {
             | Self::InvalidHead { .. }
             | Self::InvalidPath { .. }
             | Self::RateLimited(_)
-            | Self::RateLimitKeyMissing { .. } => true,
+            | Self::RateLimitKeyMissing { .. }
+            | Self::AuthRefused { .. } => true,
             Self::NoEndpoint { .. }
+            | Self::AuthUnavailable { .. }
             | Self::Overloaded { .. }
             | Self::Connect { .. }
             | Self::UpstreamTimeout { .. }
@@ -347,6 +367,10 @@ impl ProxyError {
             Self::RateLimitKeyMissing { .. } => {
                 "the request lacks what this route's rate limit is keyed on".into()
             }
+            Self::AuthRefused { refusal, .. } => refusal.message().into(),
+            Self::AuthUnavailable { .. } => {
+                "the authentication service is unavailable; retry later".into()
+            }
         }
     }
 }
@@ -399,6 +423,21 @@ mod tests {
                 },
                 502,
             ),
+            (
+                ProxyError::AuthRefused {
+                    refusal: crate::auth::Refusal::Expired,
+                    challenge: None,
+                },
+                401,
+            ),
+            (
+                ProxyError::AuthRefused {
+                    refusal: crate::auth::Refusal::Claims,
+                    challenge: None,
+                },
+                403,
+            ),
+            (ProxyError::AuthUnavailable { source: None }, 503),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");

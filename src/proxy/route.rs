@@ -65,6 +65,8 @@ pub struct Route {
     /// Request counts by method and status class, latency histograms, retries.
     pub metrics: crate::metrics::RouteMetrics,
     rate_limiter: Option<Arc<RateLimiter>>,
+    /// The route's `auth`, for `/status` and `/explain` (its stage holds its own copy).
+    pub auth: Option<crate::auth::AuthSettings>,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -93,6 +95,7 @@ impl Route {
             limiter,
             rate_limiter: rate_limiter.clone(),
             rate_limit_metrics: metrics.rate_limit.clone(),
+            auth_counters: metrics.auth.clone(),
         };
         Self {
             name: cfg.name.clone(),
@@ -105,6 +108,7 @@ impl Route {
             stream_timeout: cfg.stream_timeout,
             metrics,
             rate_limiter,
+            auth: cfg.auth.clone(),
             client: None,
             upgrade_client: None,
             mesh: None,
@@ -150,12 +154,20 @@ struct Stages {
     limiter: Option<Arc<Limiter>>,
     rate_limiter: Option<Arc<RateLimiter>>,
     rate_limit_metrics: Arc<crate::metrics::RateLimitMetrics>,
+    auth_counters: Arc<crate::metrics::AuthCounters>,
 }
 
 /// A route's stages from its settings, in the documented order; stages with nothing to do are
 /// left out, so a plain route runs only the forwarding headers.
 fn pipeline(cfg: &RouteConfig, service: Arc<str>, live: Stages) -> Pipeline {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    if let Some(settings) = &cfg.auth {
+        stages.push(Box::new(super::auth::Auth {
+            settings: settings.clone(),
+            counters: live.auth_counters,
+            route: cfg.name.clone(),
+        }));
+    }
     if let Some(limiter) = live.rate_limiter {
         stages.push(Box::new(RateLimit {
             limiter,

@@ -102,6 +102,8 @@ pub struct RouteConfig {
     pub service_settings: ServiceSettings,
     /// `rate_limit`, inline or from a named policy.
     pub rate_limit: Option<crate::ratelimit::RateLimitSettings>,
+    /// `auth`: the route's authentication, the first of its policies.
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 impl RouteConfig {
@@ -128,6 +130,7 @@ impl RouteConfig {
             panic_threshold: None,
             service_settings: ServiceSettings::default(),
             rate_limit: None,
+            auth: None,
         }
     }
 
