@@ -1127,3 +1127,64 @@ async fn a_named_auth_policy_guards_every_route_that_names_it() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn rate_limits_key_on_the_api_key_and_jwt_claims_the_auth_stage_found() {
+    let up = TestUpstream::builder().start().await;
+    let env = Env::from_pairs([
+        (
+            "PARTNER_KEYS",
+            format!(
+                "acme {}\nbeta {}\n",
+                sha_hex("acme-key-1"),
+                sha_hex("beta-key-1")
+            ),
+        ),
+        ("JWT_SECRET", SECRET.to_owned()),
+    ]);
+    let toml = format!(
+        r#"
+        [policies.partner-api]
+        auth = {{ api_keys = {{ keys_env = "PARTNER_KEYS" }} }}
+        rate_limit = {{ rate = "2/m", burst = 2, key = "api_key" }}
+
+        [[routes]]
+        path = "/partners"
+        targets = ["{0}"]
+        policies = ["partner-api"]
+        {1}
+        rate_limit = {{ rate = "1/m", burst = 1, key = "jwt:sub" }}
+        "#,
+        up.url(),
+        jwt_route(&up, "").trim_start()
+    );
+    let gw = gateway(&toml, &env).await;
+    let c = client();
+    let codes = |key: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/partners");
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                out.push(send(&c, url.clone(), &[("x-api-key", key)]).await.0);
+            }
+            out
+        }
+    };
+    // Each key has its own bucket of two; the key's name, not the key, is the bucket.
+    assert_eq!(codes("acme-key-1").await, vec![200, 200, 429]);
+    assert_eq!(codes("beta-key-1").await, vec![200, 200, 429]);
+    // JWT subjects likewise: one request each a minute.
+    let bearer = |sub: &str| format!("Bearer {}", hs256(&claims(sub)));
+    for sub in ["alice", "bob"] {
+        let auth = bearer(sub);
+        let first = send(&c, gw.url("/orders"), &[("authorization", &auth)])
+            .await
+            .0;
+        let second = send(&c, gw.url("/orders"), &[("authorization", &auth)])
+            .await
+            .0;
+        assert_eq!((first, second), (200, 429), "{sub}");
+    }
+    assert_eq!(up.hits(), 6, "refused requests never reached the upstream");
+}
