@@ -70,15 +70,14 @@ pub(super) fn unknown_names(
     }
 }
 
-/// One kind of policy for a route: inline (`inline_set`, validated as `inline`), or from the one
-/// named policy that has it (`get`). Giving it both ways, or through two named policies, is
-/// refused: no silent precedence.
+/// One kind of policy for a route: inline (`Some(validated)` when the route sets it), or from
+/// the one named policy that has it (`get`). Giving it both ways, or through two named
+/// policies, is refused: no silent precedence.
 fn one_place<T: Clone>(
     c: &mut Problems,
     rp: &str,
     kind: &str,
-    inline_set: bool,
-    inline: Option<T>,
+    inline: Option<Option<T>>,
     policies: &[String],
     named: &BTreeMap<String, NamedPolicy>,
     get: impl Fn(&NamedPolicy) -> Option<&T>,
@@ -97,7 +96,7 @@ fn one_place<T: Clone>(
             ),
         );
     }
-    if inline_set {
+    if let Some(inline) = inline {
         if let Some((first, _)) = from.first() {
             c.err(
                 format!("{rp}.{kind}"),
@@ -123,12 +122,11 @@ pub(super) fn route_rate_limit(
     let inline = r
         .rate_limit
         .as_ref()
-        .and_then(|raw| rate_limit(c, &format!("{rp}.rate_limit"), raw, name, false, redis));
+        .map(|raw| rate_limit(c, &format!("{rp}.rate_limit"), raw, name, false, redis));
     one_place(
         c,
         rp,
         "rate_limit",
-        r.rate_limit.is_some(),
         inline,
         &r.policies,
         named,
@@ -147,12 +145,11 @@ pub(super) fn route_auth(
     let inline = r
         .auth
         .as_ref()
-        .and_then(|a| auth(c, &format!("{rp}.auth"), a, env));
+        .map(|a| auth(c, &format!("{rp}.auth"), a, env));
     one_place(
         c,
         rp,
         "auth",
-        r.auth.is_some(),
         inline,
         &r.policies,
         named,
