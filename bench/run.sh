@@ -643,6 +643,7 @@ fi
 SUMMARY="$OUT/summary.md"
 {
   kind="full run"; [ "$QUICK" = 1 ] && kind="quick smoke run (--quick: numbers are indicative only)"
+  [ "$WORKERS" -gt 1 ] && kind="$kind, scaling mode (--workers $WORKERS)"
   has_target meshgate || kind="$kind, PEERS ONLY (meshgate not measured)"
   echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC') · commit $(commit_line) · $kind"
   echo
