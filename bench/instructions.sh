@@ -20,6 +20,7 @@ N=20000             # measured requests per run
 WARM=2000           # warm-up requests per run, not counted
 CONNS=10            # client connections
 REPEATS=2           # runs per target
+TOP=12              # functions listed per target by exclusive instructions per request
 TARGETS="meshgate,nginx,haproxy"
 BUILD=1
 RECORD=1
@@ -42,6 +43,8 @@ to bench/RESULTS.md. About 1 minute per run and target (valgrind slows a proxy ~
   -W N          warm-up requests per run before the counters are zeroed (default $WARM)
   -c N          client connections, keep-alive (default $CONNS)
   -k N          runs per target, interleaved (default $REPEATS)
+  --top N       list each target's N costliest functions (exclusive instructions per
+                request, from its first run; default $TOP, 0 = none)
   -t LIST       targets, comma separated: meshgate, nginx, haproxy (default $TARGETS)
   --no-build    do not run cargo; use \$MESHGATE_BIN or target/release/meshgate
   --no-record   print the table but do not append it to bench/RESULTS.md
@@ -61,6 +64,7 @@ while [ $# -gt 0 ]; do
     -W) WARM="${2:?}"; shift 2 ;;
     -c) CONNS="${2:?}"; shift 2 ;;
     -k) REPEATS="${2:?}"; shift 2 ;;
+    --top) TOP="${2:?}"; shift 2 ;;
     -t) TARGETS="${2:?}"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --no-record) RECORD=0; shift ;;
@@ -77,6 +81,7 @@ in_range "$N" 100 10000000 || die "-n must be 100..10000000"
 in_range "$WARM" 1 10000000 || die "-W must be 1..10000000"
 in_range "$CONNS" 1 1000 || die "-c must be 1..1000"
 in_range "$REPEATS" 1 20 || die "-k must be 1..20"
+in_range "$TOP" 0 100 || die "--top must be 0..100"
 IFS=',' read -r -a TARGET_LIST <<<"$TARGETS"
 declare -A SEEN=()
 for t in "${TARGET_LIST[@]}"; do
@@ -303,6 +308,31 @@ table() {
   fi
 }
 
+# top_functions CALLGRIND_FILE N REQUESTS : "Ir-per-request<TAB>share %<TAB>function", costliest
+# first, by exclusive cost (what the function itself executed, callees not included)
+top_functions() {
+  python3 - "$@" <<'EOF'
+import collections, sys
+path, n, reqs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cost, fn, skip = collections.Counter(), None, False
+for line in open(path, errors="replace"):
+    if skip:                      # the line after calls= is the callee's inclusive cost
+        skip = False
+    elif line.startswith("fn="):
+        fn = line[3:].strip()
+    elif line.startswith("calls="):
+        skip = True
+    elif fn is not None and line[:1] in "0123456789+-*":
+        parts = line.split()      # position (absolute, +N, -N or *) then the cost
+        if len(parts) >= 2 and parts[1].isdigit():
+            cost[fn] += int(parts[1])
+total = sum(cost.values()) or 1
+for f, c in cost.most_common(n):
+    f = f.replace("|", "/")
+    print(f"{c / reqs:.0f}\t{100 * c / total:.1f}\t{f if len(f) <= 90 else f[:87] + '...'}")
+EOF
+}
+
 SUMMARY="$OUT/summary.md"
 {
   echo "### $(date -u '+%Y-%m-%d %H:%M:%S UTC') · commit $(commit_line) · instructions per request (callgrind)"
@@ -319,6 +349,16 @@ SUMMARY="$OUT/summary.md"
   [ -n "$NOTE" ] && echo "- note: $NOTE"
   echo
   table
+  if [ "$TOP" -gt 0 ]; then
+    for t in "${TARGET_LIST[@]}"; do
+      echo
+      echo "Costliest functions of $t (exclusive instructions per request, run 1; hex = no symbol):"
+      echo
+      echo "| Ir/req | share | function |"
+      echo "|---:|---:|---|"
+      top_functions "$RAW/callgrind.$t.1.1" "$TOP" "$N" | awk -F'\t' '{ printf "| %s | %s %% | `%s` |\n", $1, $2, $3 }'
+    done
+  fi
 } >"$SUMMARY"
 
 echo
