@@ -584,7 +584,7 @@ done
 
 table() {
   local s t k rss lgpr
-  echo "| scenario | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s /100k req | peak RSS MB | errors | upstream conns opened | load-gen / proxy core busy % |"
+  echo "| scenario | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s /100k req | peak RSS MB | errors | upstream conns opened | load-gen / proxy core busy % (proxy's own) |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for s in "${SCEN_LIST[@]}"; do
     for t in "${TARGET_LIST[@]}"; do
@@ -593,6 +593,11 @@ table() {
       rss="$(fmt "${MED[$k.rss]}" 1)"
       [ "$s" = idle ] && [ "${MED[$k.kib]}" != - ] && rss="$rss ($(fmt "${MED[$k.kib]}" 1) KiB/conn)"
       lgpr="-"; [ "${MED[$k.lg]}" != - ] && lgpr="$(fmt "${MED[$k.lg]}" 0) / $(fmt "${MED[$k.pr]}" 0)"
+      # the proxy's own share of a core (req/s x CPU per request): well below the core's busy %
+      # means the core was shared with other work or the proxy was waiting, not computing
+      if [ "$lgpr" != - ] && [ "${MED[$k.rps]}" != - ] && [ "${MED[$k.cpu]}" != - ]; then
+        lgpr="$lgpr ($(awk -v r="${MED[$k.rps]}" -v c="${MED[$k.cpu]}" 'BEGIN { printf "%.0f", r * c / 1000 }'))"
+      fi
       printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$s" "$t" \
         "$(fmt "${MED[$k.rps]}" 0)" "$(fmt "${MED[$k.p50]}" 2)" "$(fmt "${MED[$k.p99]}" 2)" "$(fmt "${MED[$k.p999]}" 2)" \
         "$(fmt "${MED[$k.cpu]}" 2)" "$rss" "${MED[$k.err]}" "$(fmt "${MED[$k.upc]}" 0)" "$lgpr"
