@@ -29,7 +29,7 @@ NOTE=""
 LG_CPU=0; PROXY_CPU=1; BACKEND_CPU=0
 MESHGATE_BIN="${MESHGATE_BIN:-}"
 export -n MESHGATE_BIN
-CMDLINE="bench/instructions.sh${1+$(printf " %q" "$@")}"
+CMDLINE="bench/instructions.sh$(quote_args "$@")"
 
 usage() {
   cat <<EOF

@@ -234,6 +234,16 @@ machine_line() {
   printf '%s cores (nproc), %s, %s RAM, Linux %s' "$(nproc)" "$model" "$mem" "$(uname -r)"
 }
 
+# quote_args ARG... : the arguments as one shell-readable string (for the recorded command line):
+# plain words as they are, anything else in single quotes
+quote_args() {
+  local a out=""
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./,:=@%+-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
+  done
+  printf '%s' "$out"
+}
+
 # load_line : the 1/5/15-minute load averages, as uptime prints them
 load_line() { awk '{ printf "load average %s, %s, %s", $1, $2, $3 }' /proc/loadavg; }
 

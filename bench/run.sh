@@ -46,7 +46,7 @@ TRAEFIK_BIN="${TRAEFIK_BIN:-}"
 CADDY_BIN="${CADDY_BIN:-}"
 # Not passed on: meshgate reads MESHGATE_* variables as configuration ("bin: unknown key").
 export -n MESHGATE_BIN
-CMDLINE="bench/run.sh${1+$(printf " %q" "$@")}"
+CMDLINE="bench/run.sh$(quote_args "$@")"
 
 usage() {
   cat <<EOF
