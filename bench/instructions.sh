@@ -37,7 +37,7 @@ Usage: bench/instructions.sh [options]
 
 User-space instructions per request (callgrind) of meshgate, nginx and HAProxy proxying the same
 keep-alive GETs to the same two nginx upstreams, one worker each. Prints a table and appends it
-to bench/RESULTS.md. About 1 minute per run and target (valgrind slows a proxy ~50 times).
+to bench/RESULTS.md. About 15–30 s per run and target (valgrind slows a proxy ~50 times).
 
   -n N          measured requests per run (default $N)
   -W N          warm-up requests per run before the counters are zeroed (default $WARM)

@@ -152,15 +152,26 @@ def labels_match(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def component(d):
+    return ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
+
+
 def check_k8s():
     docs = load_manifests()
     by_kind = {}
+    redis = {}
     for name, d in docs:
         kind = d.get("kind")
         where = f"{name}: {kind}"
         check(isinstance(d, dict) and kind in API_VERSIONS, f"{name}: unknown or missing kind {kind!r}")
         check(d.get("apiVersion") == API_VERSIONS.get(kind),
               f"{where}: apiVersion {d.get('apiVersion')!r}, expected {API_VERSIONS.get(kind)!r}")
+        if component(d) == "redis":
+            # Its own name label: the gateway's selectors (name=meshgate) must not match it.
+            check(((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/name") == "meshgate-redis",
+                  f"{where}: Redis needs label app.kubernetes.io/name=meshgate-redis")
+            redis[kind] = d
+            continue
         if kind != "Kustomization":
             meta = d.get("metadata") or {}
             check(DNS1123.match(str(meta.get("name", ""))), f"{where}: metadata.name missing or not DNS-1123")
@@ -254,6 +265,7 @@ def check_k8s():
             grace = duration_secs(find_key(cfg, "grace_period"), 30.0)
         except ValueError as e:
             check(False, f"ConfigMap: {e}")
+        check_k8s_rate_limits(cfg, spec.get("replicas"), redis)
         for r in cfg.get("routes") or []:
             check(r.get("path", "").startswith("/"), f"ConfigMap: route {r.get('name')} needs a path starting with /")
             check(bool(r.get("service")) != bool(r.get("targets")),
@@ -297,6 +309,28 @@ def check_k8s():
     check(top and top.get("kind") == "Kustomization" and (top.get("resources") or []) == ["base"],
           "kustomization.yaml: must be a Kustomization of exactly [base] (kubectl apply -k k8s/)")
     return {"deployment": dep, "tgps": tgps}
+
+
+def check_k8s_rate_limits(cfg, replicas, redis):
+    """Global limits: `[redis] url` names the Redis Service of redis.yaml, and each limit's
+    `replicas` (its local fallback divisor) is the Deployment's replicas."""
+    limits = [r for r in cfg.get("routes") or [] if (r.get("rate_limit") or {}).get("scope") == "global"]
+    url = str((cfg.get("redis") or {}).get("url", ""))
+    check(not limits or url, "ConfigMap: global rate limits need [redis] url")
+    if not url:
+        return
+    host = url.split("://", 1)[-1].split("@")[-1].split(":")[0].split("/")[0]
+    svc, dep = redis.get("Service"), redis.get("Deployment")
+    if check(svc is not None and dep is not None, "redis.yaml: a Redis Deployment and Service are needed"):
+        check((svc.get("metadata") or {}).get("name") == host,
+              f"ConfigMap: [redis] url host {host!r} is not the Redis Service's name")
+        pod = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        check(labels_match((svc.get("spec") or {}).get("selector") or {}, pod.get("labels") or {}),
+              "redis.yaml: the Service's selector does not match the Redis pods")
+    for r in limits:
+        check(r["rate_limit"].get("replicas", 1) == replicas,
+              f"ConfigMap: route {r.get('name')}: rate_limit.replicas {r['rate_limit'].get('replicas', 1)}"
+              f" != Deployment replicas {replicas}")
 
 
 def check_consul():
@@ -382,6 +416,8 @@ def check_compose(defs):
     except ValueError as e:
         check(False, f"docker-compose.yml: {e}")
 
+    check_compose_rate_limits(services, env)
+
     for sid, s in defs.items():
         addr = s.get("address")
         svc = services.get(addr)
@@ -395,6 +431,38 @@ def check_compose(defs):
         check(argv and argv[0].endswith("mock-service"), f"compose {addr}: should run mock-service")
         check(argv[1:3] == [str(s.get("port")), s.get("name")],
               f"compose {addr}: command {argv[1:3]} != [port, name] {[str(s.get('port')), s.get('name')]} of {sid}")
+
+
+def check_compose_rate_limits(services, env):
+    """Global rate limits: every replica has the gateway's variables, Redis is a healthy
+    dependency, and a limit's `replicas` (its local fallback divisor) matches the replicas."""
+    replicas = [n for n in services if n == "gateway" or n.startswith("gateway-")]
+    for name in replicas:
+        other = services[name].get("environment") or {}
+        check(other == env, f"docker-compose.yml: {name} must have the same environment as gateway")
+    url = str(env.get("MESHGATE_REDIS__URL", ""))
+    if not url:
+        return
+    host = url.split("://", 1)[-1].split("@")[-1].split(":")[0].split("/")[0]
+    redis = services.get(host)
+    if check(redis is not None, f"docker-compose.yml: MESHGATE_REDIS__URL names {host!r}, not a compose service"):
+        check("healthcheck" in redis, f"docker-compose.yml: {host} needs a healthcheck")
+        for name in replicas:
+            deps = services[name].get("depends_on") or {}
+            check(host in deps, f"docker-compose.yml: {name} must depend on {host}")
+    if tomllib is None or "MESHGATE_ROUTES" not in env:
+        return
+    try:
+        routes = tomllib.loads("routes = " + str(env["MESHGATE_ROUTES"]))["routes"]
+    except tomllib.TOMLDecodeError as e:
+        check(False, f"docker-compose.yml: MESHGATE_ROUTES does not parse: {e}")
+        return
+    limits = [r for r in routes if (r.get("rate_limit") or {}).get("scope") == "global"]
+    check(limits, "docker-compose.yml: no route with a global rate limit in MESHGATE_ROUTES")
+    for r in limits:
+        check(r["rate_limit"].get("replicas", 1) == len(replicas),
+              f"docker-compose.yml: route {r.get('name')}: rate_limit.replicas "
+              f"{r['rate_limit'].get('replicas', 1)} != {len(replicas)} gateway replicas")
 
 
 def argv_of(svc):

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -369,7 +370,30 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
         })
         .unwrap_or_default();
     let upstream_path = crate::rules::path::rewrite_path(path, &route.rewrite);
-    let outcome = if candidates.is_empty() {
+    let rate_limit = route.rate_limiter().map(|l| {
+        let mut v = l.describe();
+        v["answers"] = json!(
+            "429 with Retry-After when the bucket of the request's key is empty; 400 when a key part is missing and required is set"
+        );
+        if let Some(d) = l.peek_route(&route.name) {
+            v["bucket_now"] = json!({
+                "remaining": d.remaining,
+                "retry_after_s": crate::ratelimit::ceil_secs(d.retry_after),
+            });
+        }
+        v
+    });
+    let limited = route
+        .rate_limiter()
+        .and_then(|l| l.peek_route(&route.name))
+        .filter(|d| !d.allowed);
+    let outcome = if let Some(d) = limited {
+        format!(
+            "the rate_limit stage answers: the route's bucket ({}) is empty, so the answer is 429 with Retry-After: {}",
+            route.rate_limiter().map_or("", |l| &*l.settings().name),
+            crate::ratelimit::ceil_secs(d.retry_after).max(1)
+        )
+    } else if candidates.is_empty() {
         format!(
             "no endpoint of service {} can take it: the answer is 503",
             route.pool.name()
@@ -395,6 +419,7 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                 "timeout_ms": route.timeout.as_millis() as u64,
                 "retry_attempts": route.retry.attempts,
                 "stages": route.pipeline.names().collect::<Vec<_>>(),
+                "rate_limit": rate_limit,
                 "mesh": route.mesh.as_ref().map(|m| json!({
                     "identity": m.identity().service,
                     "expects": m.expected_id(),
@@ -408,11 +433,55 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                 "slow_start_ms": settings.slow_start.as_millis() as u64,
             },
             "outcome": outcome,
+            "auth": auth_json(&route, true),
             "candidates": candidates,
             "excluded": excluded,
             "not_in_pool": not_in_pool,
         }),
     )
+}
+
+/// A route's `auth` for `/status` (counts) and `/explain` (what passes, the last refusal and
+/// why). Never a credential: settings describe themselves without secrets.
+fn auth_json(route: &crate::proxy::Route, explain: bool) -> Value {
+    use crate::auth::Refusal;
+    let Some(a) = &route.auth else {
+        return Value::Null;
+    };
+    let c = &route.metrics.auth;
+    let mut refused = serde_json::Map::new();
+    for r in Refusal::ALL {
+        let n = c.refused[r.index()].load(std::sync::atomic::Ordering::Relaxed);
+        if n > 0 {
+            refused.insert(r.label().into(), json!(n));
+        }
+    }
+    let mut out = json!({
+        "method": a.kind(),
+        "allowed": c.allowed.load(std::sync::atomic::Ordering::Relaxed),
+        "refused": refused,
+    });
+    if let crate::auth::AuthSettings::Jwt(j) = a {
+        if let crate::auth::jwt::KeySource::Remote(r) = &j.keys {
+            out["jwks"] = json!({
+                "url": r.url().as_str(),
+                "keys": r.loaded().map(|(n, _)| n),
+                "age_s": r.loaded().map(|(_, age)| age.as_secs()),
+            });
+        }
+    }
+    if explain {
+        out["requires"] = json!(a.requirement());
+        out["answers"] = json!(
+            "the auth stage runs first: without valid credentials the gateway answers 401 (400 for unreadable ones, 403 for a valid identity the route's claims refuse, 503 when keys or the auth service are unreachable) and nothing reaches the upstream"
+        );
+        let last = c.last_refusal.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = last.checked_sub(1).and_then(|i| Refusal::ALL.get(i)) {
+            out["last_refusal"] = json!(r.label());
+            out["last_refusal_message"] = json!(r.message());
+        }
+    }
+    out
 }
 
 fn rate(part: u64, total: u64) -> f64 {
@@ -519,6 +588,15 @@ pub fn status(state: &ControlState) -> Value {
                 "rewrite": r.rewrite.iter().map(|w| format!("{w:?}")).collect::<Vec<_>>(),
                 "timeout_ms": r.timeout.as_millis() as u64,
                 "preserve_host": r.preserve_host,
+                "rate_limit": r.rate_limiter().map(|l| {
+                    let m = &r.metrics.rate_limit;
+                    let mut v = l.describe();
+                    v["allowed"] = json!(m.allowed.load(Ordering::Relaxed));
+                    v["limited"] = json!(m.limited.load(Ordering::Relaxed));
+                    v["missing_key"] = json!(m.missing_key.load(Ordering::Relaxed));
+                    v
+                }),
+                "auth": auth_json(r, false),
             })
         })
         .collect();

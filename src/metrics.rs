@@ -121,6 +121,48 @@ pub struct RouteMetrics {
     pub retried_ok: AtomicU64,
     /// Requests that needed a retry and still failed.
     pub retried_failed: AtomicU64,
+    /// The route's rate limit, shared with its stage.
+    pub rate_limit: std::sync::Arc<RateLimitMetrics>,
+    /// The route's authentication stage (shared with it; zero without `auth`).
+    pub auth: std::sync::Arc<AuthCounters>,
+}
+
+/// Metric slots for authentication refusal reasons (`auth::Refusal::ALL` fills the first ones).
+pub const AUTH_REASON_SLOTS: usize = 16;
+
+/// Authentication outcomes of one route, counted by its `auth` stage even when `[metrics]` is
+/// off (they feed `/status` and `/explain` too).
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Requests that passed.
+    pub allowed: AtomicU64,
+    /// Requests refused, by reason index (`auth::Refusal::index`).
+    pub refused: [AtomicU64; AUTH_REASON_SLOTS],
+    /// The last refusal's reason index plus one (0: none yet).
+    pub last_refusal: std::sync::atomic::AtomicUsize,
+}
+
+impl AuthCounters {
+    /// Counts a refusal with reason index `reason`.
+    pub fn refuse(&self, reason: usize) {
+        if let Some(c) = self.refused.get(reason) {
+            c.fetch_add(1, Ordering::Relaxed);
+            self.last_refusal.store(reason + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A route's rate-limit counters.
+#[derive(Debug, Default)]
+pub struct RateLimitMetrics {
+    /// Requests admitted.
+    pub allowed: AtomicU64,
+    /// Requests refused with 429.
+    pub limited: AtomicU64,
+    /// Requests refused with 400 for lacking a `required` key part.
+    pub missing_key: AtomicU64,
+    /// Decisions Redis failed to make (`on_store_error` decided).
+    pub store_errors: AtomicU64,
 }
 
 impl Default for RouteMetrics {
@@ -133,6 +175,8 @@ impl Default for RouteMetrics {
             retries: AtomicU64::new(0),
             retried_ok: AtomicU64::new(0),
             retried_failed: AtomicU64::new(0),
+            rate_limit: Default::default(),
+            auth: Default::default(),
         }
     }
 }

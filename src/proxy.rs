@@ -1,5 +1,6 @@
 //! The request path: route, pick, forward, respond. Errors become responses here, once.
 
+pub mod auth;
 pub mod body;
 pub mod client;
 pub mod error;
@@ -7,6 +8,7 @@ pub mod forward;
 pub mod mesh;
 pub mod pipeline;
 pub mod pool;
+pub mod ratelimit;
 pub mod route;
 pub mod settings;
 pub mod stages;
@@ -50,6 +52,8 @@ pub struct ProxyState {
     pub telemetry: telemetry::RequestTelemetry,
     /// `server.escaped_slashes` and `server.merge_slashes`; replaced on reload.
     pub path_rules: LivePathRules,
+    /// `server.trusted_proxies`; replaced on reload.
+    pub trusted_proxies: ArcSwap<crate::ratelimit::TrustedProxies>,
 }
 
 /// Requests the gateway answers itself before routing. The server decides which (admin's
@@ -90,6 +94,23 @@ async fn handle_inner(
     local: &dyn LocalAnswer,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
+    let peer = client.ip();
+    // The client behind trusted proxies, for everything after this point: the span, the access
+    // log, `ip_hash`, rate-limit keys and the `X-Forwarded-For` sent upstream.
+    let client = {
+        let trusted = state.trusted_proxies.load();
+        if trusted.is_empty() {
+            client
+        } else {
+            let r = trusted.client(peer, req.headers());
+            crate::ratelimit::client_ip::keep_trusted_chain(req.headers_mut(), r.kept);
+            match r.kept {
+                0 => client,
+                // The port of a forwarded client is unknown.
+                _ => SocketAddr::new(r.client, 0),
+            }
+        }
+    };
     let request_id = headers::request_id(req.headers());
     let obs = &state.telemetry;
     let (span, traceparent) = obs.server_span(&req, client);
@@ -114,6 +135,7 @@ async fn handle_inner(
         _ => {
             let down = Downstream {
                 client,
+                peer,
                 proto,
                 local,
                 request_id: &request_id,
@@ -138,6 +160,7 @@ async fn handle_inner(
 /// What the listener and the edge steps know about a request before it is routed.
 struct Downstream<'a> {
     client: SocketAddr,
+    peer: std::net::IpAddr,
     proto: &'static str,
     local: &'a dyn LocalAnswer,
     request_id: &'a HeaderValue,
@@ -152,6 +175,7 @@ async fn route_request(
 ) -> Response<ResponseBody> {
     let Downstream {
         client,
+        peer,
         proto,
         local,
         request_id,
@@ -210,6 +234,7 @@ async fn route_request(
         path: &path,
         upstream_path: None,
         client: client.ip(),
+        peer,
         host,
         proto,
         request_id,
@@ -219,6 +244,9 @@ async fn route_request(
         permit: None,
         span,
         log,
+        api_key: None,
+        jwt_claims: None,
+        rate_limit: None,
     };
     let result = match route.pipeline.request(&mut ex).await {
         Ok((Flow::Next, ran)) => {
@@ -267,7 +295,10 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::InvalidHead { .. }
         | ProxyError::InvalidPath { .. }
         | ProxyError::ClientBody { .. }
-        | ProxyError::ClientTimeout { .. } => {
+        | ProxyError::ClientTimeout { .. }
+        | ProxyError::RateLimited(_)
+        | ProxyError::RateLimitKeyMissing { .. }
+        | ProxyError::AuthRefused { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
         ProxyError::NoEndpoint { .. } | ProxyError::Overloaded { .. } => {
@@ -278,6 +309,7 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::UnexpectedUpgrade { .. }
         | ProxyError::MeshUnavailable { .. }
         | ProxyError::MeshCertExpired { .. }
+        | ProxyError::AuthUnavailable { .. }
         | ProxyError::Upstream { .. } => {
             tracing::warn!(route = %route.name, service = %route.pool.name(), error = %Chain(e), "proxy failed")
         }
@@ -285,7 +317,32 @@ fn log_error(e: &ProxyError, route: &Route) {
 }
 
 /// The answer for a gateway error: the route's handler or page when set, else the JSON default.
+/// An authentication refusal carries its `WWW-Authenticate` challenge either way.
 pub fn error_response(
+    e: &ProxyError,
+    route: Option<&Route>,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let mut resp = error_body(e, route, request_id);
+    // A refusal by the rate limit says when to come back, whoever wrote the body.
+    if let ProxyError::RateLimited(r) = e {
+        let secs = crate::ratelimit::ceil_secs(r.retry_after).max(1);
+        let h = resp.headers_mut();
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        h.insert(ratelimit::RATELIMIT_POLICY.clone(), r.policy.clone());
+        h.insert(ratelimit::RATELIMIT.clone(), r.state.clone());
+    }
+    if let ProxyError::AuthRefused {
+        challenge: Some(c), ..
+    } = e
+    {
+        resp.headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, c.clone());
+    }
+    resp
+}
+
+fn error_body(
     e: &ProxyError,
     route: Option<&Route>,
     request_id: &HeaderValue,
@@ -296,7 +353,11 @@ pub fn error_response(
         }
         if let Some(page) = &route.error {
             let mut resp = Response::new(ResponseBody::full(page.body.clone()));
-            *resp.status_mut() = page.status.unwrap_or_else(|| e.status());
+            // The page's body, but a refusal by the rate limit stays a 429.
+            *resp.status_mut() = match e {
+                ProxyError::RateLimited(_) => e.status(),
+                _ => page.status.unwrap_or_else(|| e.status()),
+            };
             resp.headers_mut()
                 .insert(CONTENT_TYPE, page.content_type.clone());
             return resp;
@@ -305,7 +366,9 @@ pub fn error_response(
     let status = e.status();
     let retry_after = matches!(
         e,
-        ProxyError::Overloaded { .. } | ProxyError::NoEndpoint { .. }
+        ProxyError::Overloaded { .. }
+            | ProxyError::NoEndpoint { .. }
+            | ProxyError::AuthUnavailable { .. }
     );
     let body = serde_json::json!({
         "error": status.canonical_reason().unwrap_or("Error"),

@@ -176,7 +176,10 @@ fn check_accepts_the_mesh_example_with_its_compose_variables() {
     let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
         .args(["check", "--config", path])
         .env("CONSUL_HTTP_ADDR", "consul-mesh:8500")
-        .env("MESHGATE_DISCOVERY__CONSUL__REGISTER__ADDRESS", "mesh-gateway")
+        .env(
+            "MESHGATE_DISCOVERY__CONSUL__REGISTER__ADDRESS",
+            "mesh-gateway",
+        )
         .env("MESHGATE_ADMIN_TOKEN", "demo-admin-token")
         .output()
         .unwrap();

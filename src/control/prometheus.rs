@@ -91,7 +91,40 @@ impl Collector for GatewayCollector {
         let mut upstream_latency = Vec::new();
         let mut retries = Vec::new();
         let mut retry_outcomes = Vec::new();
+        let mut rate_limit = Vec::new();
+        let mut rate_limit_store = Vec::new();
+        let mut auth_allowed = Vec::new();
+        let mut auth_refused = Vec::new();
         for r in table.routes() {
+            if r.rate_limiter().is_some() {
+                let m = &r.metrics.rate_limit;
+                for (decision, n) in [
+                    ("allowed", &m.allowed),
+                    ("limited", &m.limited),
+                    ("missing_key", &m.missing_key),
+                ] {
+                    let labels = vec![("route", s(&r.name)), ("decision", s(decision))];
+                    rate_limit.push((labels, n.load(Ordering::Relaxed)));
+                }
+                rate_limit_store.push((
+                    vec![("route", s(&r.name))],
+                    m.store_errors.load(Ordering::Relaxed),
+                ));
+            }
+            if r.pipeline.names().any(|n| n == "auth") {
+                let a = &r.metrics.auth;
+                auth_allowed.push((
+                    vec![("route", s(&r.name))],
+                    a.allowed.load(Ordering::Relaxed),
+                ));
+                for reason in crate::auth::Refusal::ALL {
+                    let n = a.refused[reason.index()].load(Ordering::Relaxed);
+                    if n > 0 {
+                        let labels = vec![("route", s(&r.name)), ("reason", s(reason.label()))];
+                        auth_refused.push((labels, n));
+                    }
+                }
+            }
             let (route, service) = (s(&r.name), s(r.pool.name()));
             for (mi, method) in METHODS.iter().enumerate() {
                 for (ci, class) in CLASSES.iter().enumerate() {
@@ -142,6 +175,30 @@ impl Collector for GatewayCollector {
             "meshgate_retried_requests",
             "Requests that were retried, by final outcome.",
             &retry_outcomes,
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_rate_limit_decisions",
+            "Rate-limit decisions by route: allowed, limited (429), missing_key (400).",
+            &rate_limit,
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_rate_limit_store_errors",
+            "Global rate-limit decisions Redis failed to make (on_store_error decided).",
+            &rate_limit_store,
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_auth_allowed",
+            "Requests the route's auth let through.",
+            &auth_allowed,
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_auth_refused",
+            "Requests the route's auth refused, by reason.",
+            &auth_refused,
         )?;
 
         let g = &state.proxy.metrics;

@@ -10,9 +10,11 @@ use http::Response;
 
 use super::error::ProxyError;
 use super::pipeline::{Pipeline, Stage};
+use super::ratelimit::RateLimit;
 use super::settings::{ErrorPage, RouteConfig};
 use super::stages::{BodyLimit, Concurrency, ForwardingHeaders, HeaderRules, RewritePath};
 use crate::balancer::{Picker, ServicePool};
+use crate::ratelimit::RateLimiter;
 use crate::rules::limit::Limiter;
 use crate::rules::path::{strip_segment_prefix, Rewrite};
 
@@ -62,6 +64,9 @@ pub struct Route {
     pub websocket_idle_timeout: Option<Duration>,
     /// Request counts by method and status class, latency histograms, retries.
     pub metrics: crate::metrics::RouteMetrics,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    /// The route's `auth`, for `/status` and `/explain` (its stage holds its own copy).
+    pub auth: Option<crate::auth::AuthSettings>,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -82,8 +87,16 @@ impl Route {
         pool: Arc<ServicePool>,
         error_handler: Option<ErrorHandler>,
         limiter: Option<Arc<Limiter>>,
+        rate_limiter: Option<Arc<RateLimiter>>,
     ) -> Self {
         let pool_name = pool.name().clone();
+        let metrics = crate::metrics::RouteMetrics::default();
+        let stages = Stages {
+            limiter,
+            rate_limiter: rate_limiter.clone(),
+            rate_limit_metrics: metrics.rate_limit.clone(),
+            auth_counters: metrics.auth.clone(),
+        };
         Self {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
@@ -91,9 +104,11 @@ impl Route {
             picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
             retry: cfg.retry.clone(),
             budget: Default::default(),
-            pipeline: pipeline(cfg, pool_name, limiter),
+            pipeline: pipeline(cfg, pool_name, stages),
             stream_timeout: cfg.stream_timeout,
-            metrics: Default::default(),
+            metrics,
+            rate_limiter,
+            auth: cfg.auth.clone(),
             client: None,
             upgrade_client: None,
             mesh: None,
@@ -118,6 +133,11 @@ impl Route {
         }
     }
 
+    /// The route's rate limiter (shared with the routes of its named policy).
+    pub fn rate_limiter(&self) -> Option<&Arc<RateLimiter>> {
+        self.rate_limiter.as_ref()
+    }
+
     /// Requests routed here.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -129,14 +149,36 @@ impl Route {
     }
 }
 
+/// The shared live objects a route's stages use, made by the registry.
+struct Stages {
+    limiter: Option<Arc<Limiter>>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    rate_limit_metrics: Arc<crate::metrics::RateLimitMetrics>,
+    auth_counters: Arc<crate::metrics::AuthCounters>,
+}
+
 /// A route's stages from its settings, in the documented order; stages with nothing to do are
 /// left out, so a plain route runs only the forwarding headers.
-fn pipeline(cfg: &RouteConfig, service: Arc<str>, limiter: Option<Arc<Limiter>>) -> Pipeline {
+fn pipeline(cfg: &RouteConfig, service: Arc<str>, live: Stages) -> Pipeline {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    if let Some(settings) = &cfg.auth {
+        stages.push(Box::new(super::auth::Auth {
+            settings: settings.clone(),
+            counters: live.auth_counters,
+            route: cfg.name.clone(),
+        }));
+    }
+    if let Some(limiter) = live.rate_limiter {
+        stages.push(Box::new(RateLimit {
+            limiter,
+            route: cfg.name.clone(),
+            metrics: live.rate_limit_metrics,
+        }));
+    }
     if let Some(limit) = cfg.max_body {
         stages.push(Box::new(BodyLimit { limit }));
     }
-    if let Some(limiter) = limiter {
+    if let Some(limiter) = live.limiter {
         stages.push(Box::new(Concurrency { limiter, service }));
     }
     stages.push(Box::new(ForwardingHeaders {

@@ -100,6 +100,10 @@ pub struct RouteConfig {
     pub panic_threshold: Option<f64>,
     /// Settings of the route's service.
     pub service_settings: ServiceSettings,
+    /// `rate_limit`, inline or from a named policy.
+    pub rate_limit: Option<crate::ratelimit::RateLimitSettings>,
+    /// `auth`: the route's authentication, the first of its policies.
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 impl RouteConfig {
@@ -125,6 +129,8 @@ impl RouteConfig {
             stream_timeout: None,
             panic_threshold: None,
             service_settings: ServiceSettings::default(),
+            rate_limit: None,
+            auth: None,
         }
     }
 

@@ -167,6 +167,8 @@ struct Line<'a> {
     request_id: &'a str,
     trace_id: Option<&'a str>,
     complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<&'a str>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -203,6 +205,9 @@ pub struct RequestLog {
     pub route: Option<Arc<str>>,
     /// The route's service.
     pub service: Option<Arc<str>>,
+    /// Who the route's `auth` let in: the API key's name or the JWT's `sub` (never a
+    /// credential); the field is left out of the line when there is none.
+    pub identity: Option<Arc<str>>,
     /// The last attempt's endpoint.
     pub upstream: Option<Authority>,
     /// Upstream attempts made.
@@ -248,6 +253,7 @@ impl RequestLog {
                 .and_then(traceparent_trace_id),
             route: None,
             service: None,
+            identity: None,
             upstream: None,
             attempts: 0,
             upstream_duration: None,
@@ -303,6 +309,7 @@ impl RequestLog {
             request_id: self.request_id.to_str().unwrap_or("-"),
             trace_id: self.trace_id.as_deref(),
             complete: self.complete,
+            identity: self.identity.as_deref(),
         }
     }
 
@@ -347,6 +354,13 @@ impl RequestLog {
                 Some(s) => write!(out, "{k}={s}"),
             };
         }
+        if let Some(id) = l.identity {
+            let _ = if needs_quotes(id) {
+                write!(out, " identity={}", serde_json::Value::from(id))
+            } else {
+                write!(out, " identity={id}")
+            };
+        }
     }
 }
 
@@ -374,6 +388,7 @@ mod tests {
             trace_id: None,
             route: Some("api".into()),
             service: Some("web".into()),
+            identity: None,
             upstream: Some(Authority::from_static("127.0.0.1:8081")),
             attempts: 2,
             upstream_duration: None,
@@ -409,5 +424,19 @@ mod tests {
         assert_eq!(v["upstream_ms"], serde_json::Value::Null);
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v.as_object().unwrap().len(), 18);
+    }
+
+    #[test]
+    fn identity_is_added_only_when_auth_named_one() {
+        let mut e = entry();
+        e.identity = Some("acme key".into());
+        let mut s = String::new();
+        e.text(&mut s);
+        assert!(s.ends_with(" complete=true identity=\"acme key\""), "{s}");
+        let mut j = String::new();
+        e.json(&mut j);
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(v["identity"], "acme key");
+        assert_eq!(v.as_object().unwrap().len(), 19);
     }
 }
