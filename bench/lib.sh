@@ -198,13 +198,15 @@ status_kb() {
 
 cpu_snapshot() { grep -E '^cpu[0-9]+ ' /proc/stat; }
 
-# core_busy BEFORE_FILE AFTER_FILE CORE : busy % of that core between the two snapshots
+# core_busy BEFORE_FILE AFTER_FILE CORES : busy % of those cores (one, or a comma-separated
+# list taken together) between the two snapshots
 core_busy() {
-  awk -v c="cpu$3" '
-    FNR == NR && $1 == c { for (i = 2; i <= NF; i++) a[i] = $i; next }
-    $1 == c { tot = 0; for (i = 2; i <= NF; i++) { d[i] = $i - a[i]; tot += d[i] }
-              idle = d[5] + d[6]; if (tot <= 0) { print "-"; exit }
-              printf "%.0f\n", 100 * (tot - idle) / tot }' "$1" "$2"
+  awk -v list="$3" '
+    BEGIN { n = split(list, cs, ","); for (i = 1; i <= n; i++) want["cpu" cs[i]] = 1 }
+    FNR == NR && ($1 in want) { for (i = 2; i <= NF; i++) a[$1, i] = $i; next }
+    ($1 in want) { for (i = 2; i <= NF; i++) { d = $i - a[$1, i]; tot += d; if (i == 5 || i == 6) idle += d } }
+    END { if (tot <= 0) { print "-"; exit }
+          printf "%.0f\n", 100 * (tot - idle) / tot }' "$1" "$2"
 }
 
 # render TEMPLATE OUTPUT VAR=VALUE... : copy TEMPLATE replacing every @VAR@ with VALUE;
@@ -231,6 +233,19 @@ machine_line() {
   mem="$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
   printf '%s cores (nproc), %s, %s RAM, Linux %s' "$(nproc)" "$model" "$mem" "$(uname -r)"
 }
+
+# quote_args ARG... : the arguments as one shell-readable string (for the recorded command line):
+# plain words as they are, anything else in single quotes
+quote_args() {
+  local a out=""
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./,:=@%+-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
+  done
+  printf '%s' "$out"
+}
+
+# load_line : the 1/5/15-minute load averages, as uptime prints them
+load_line() { awk '{ printf "load average %s, %s, %s", $1, $2, $3 }' /proc/loadavg; }
 
 # commit_line : short commit + "-dirty" when tracked files differ (bench/RESULTS.md ignored)
 commit_line() {

