@@ -15,6 +15,8 @@
 # The limits never refuse (the run counts 4xx/5xx answers and says so). Ratios against bare are paired:
 # the median over rounds of the two variants' ratio in the same round. A latency pass at one
 # connection compares bare and rl-global, where no queueing hides the Redis round trip.
+# Then each variant runs once under callgrind (like bench/instructions.sh): user-space
+# instructions per request, the deterministic figure on a noisy machine.
 # Only 127.0.0.1 is listened on and loaded; everything started here is stopped by PID on exit.
 set -euo pipefail
 
@@ -28,6 +30,9 @@ WARMUP=2
 CONNS=50
 VARIANTS="bare,rl-local,rl-local-noheaders,rl-global,auth-key,auth-jwt"
 LATENCY=1
+CG_N=20000          # requests counted under callgrind per variant (0 = no callgrind pass)
+CG_WARM=1000
+CG_CONNS=10
 BUILD=1
 RECORD=1
 NOTE=""
@@ -54,6 +59,8 @@ medians over interleaved rounds and appends it to bench/RESULTS.md. A default ru
   -c N          keep-alive connections (default $CONNS)
   -v LIST       variants, comma separated (default $VARIANTS)
   --no-latency  skip the one-connection latency pass (bare and rl-global)
+  --callgrind N requests counted per variant under callgrind (default $CG_N; 0 = skip;
+                needs valgrind)
   --quick       smoke run: -r 1 -d 2 -w 1
   --no-build    do not run cargo; use \$MESHGATE_BIN or target/release/meshgate
   --no-record   print the table but do not append it to bench/RESULTS.md
@@ -75,6 +82,7 @@ while [ $# -gt 0 ]; do
     -c) CONNS="${2:?}"; shift 2 ;;
     -v) VARIANTS="${2:?}"; shift 2 ;;
     --no-latency) LATENCY=0; shift ;;
+    --callgrind) CG_N="${2:?}"; shift 2 ;;
     --quick) ROUNDS=1; DUR=2; WARMUP=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --no-record) RECORD=0; shift ;;
@@ -90,6 +98,7 @@ in_range "$ROUNDS" 1 50 || die "-r must be 1..50"
 in_range "$DUR" 1 600 || die "-d must be 1..600"
 in_range "$WARMUP" 0 600 || die "-w must be 0..600"
 in_range "$CONNS" 1 10000 || die "-c must be 1..10000"
+[ "$CG_N" = 0 ] || in_range "$CG_N" 100 10000000 || die "--callgrind must be 0 or 100..10000000"
 IFS=, read -r -a VARS <<<"$VARIANTS"
 declare -A SEEN=()
 for v in "${VARS[@]}"; do
@@ -104,6 +113,7 @@ has_var() { [ -n "${SEEN[$1]:-}" ]; }
 
 tools=(wrk nginx curl python3 taskset)
 has_var rl-global && tools+=(redis-server redis-cli)
+[ "$CG_N" = 0 ] || tools+=(valgrind callgrind_control)
 need_tools "${tools[@]}"
 [ "$(nproc)" -ge 2 ] || PIN=0
 PROXY_CPU="$(( $(nproc) > 1 ? 1 : 0 ))"
@@ -324,6 +334,70 @@ if has_var rl-global; then
   echo "$lat_out" >"$RAW/redis-latency.txt"
 fi
 
+# ---------------------------------------------------------------- callgrind pass
+CG_TSV="$OUT/callgrind.tsv"
+printf 'variant\trequests\tir_total\tir_per_request\n' >"$CG_TSV"
+if [ "$CG_N" != 0 ]; then
+  cat >"$RUN_DIR/count-load.py" <<'EOF'
+# count-load.py PORT TOTAL CONNS DEADLINE_SECS [HEADER]: exactly TOTAL keep-alive GET / spread
+# over CONNS threads (one request in flight each), every answer read whole; exits 1 unless
+# all were 200. The gateway under callgrind is the bottleneck, so the GIL does not matter.
+import http.client, sys, threading, time
+port, total, conns, deadline = (int(a) for a in sys.argv[1:5])
+headers = {}
+if len(sys.argv) > 5 and sys.argv[5]:
+    k, _, v = sys.argv[5].partition(":")
+    headers[k.strip()] = v.strip()
+end = time.monotonic() + deadline
+lock = threading.Lock()
+left, bad = [total], [0]
+def worker():
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while time.monotonic() < end:
+        with lock:
+            if left[0] == 0:
+                return
+            left[0] -= 1
+        c.request("GET", "/", headers=headers)
+        r = c.getresponse()
+        r.read()
+        if r.status != 200:
+            with lock:
+                bad[0] += 1
+threads = [threading.Thread(target=worker) for _ in range(conns)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(f"DONE sent={total - left[0]} bad={bad[0]}")
+sys.exit(0 if left[0] == 0 and bad[0] == 0 else 1)
+EOF
+  cg_measure() { # VARIANT
+    local v="$1" cg="$RAW/callgrind.$1" pid ir hdr
+    hdr="$(client_header "$v")"
+    # env execs valgrind, taskset execs env: the PID started is valgrind's (the gateway's)
+    start_bg "callgrind-$v" "$PROXY_CPU" env "${gw_env[@]}" valgrind --tool=callgrind \
+      --callgrind-out-file="$cg" --dump-instr=no --compress-strings=no "$MESHGATE_BIN" --config "$RUN_DIR/meshgate-$v.toml"
+    pid="$LAST_PID"
+    wait_http "http://127.0.0.1:$P_ADMIN/ready" 120 "$pid" \
+      || die "$v under callgrind did not start: $(tail -n 5 "$RUN_DIR/logs/callgrind-$v.log")"
+    python3 "$RUN_DIR/count-load.py" "$P_MESHGATE" "$CG_WARM" "$CG_CONNS" 120 "$hdr" >"$RAW/cg-warm-$v.txt" 2>&1 \
+      || die "$v under callgrind: warm-up failed: $(tail -n 3 "$RAW/cg-warm-$v.txt")"
+    callgrind_control -z "$pid" >"$RAW/cg-control-$v.txt" 2>&1 || die "callgrind_control -z $pid failed"
+    python3 "$RUN_DIR/count-load.py" "$P_MESHGATE" "$CG_N" "$CG_CONNS" 600 "$hdr" >"$RAW/cg-load-$v.txt" 2>&1 \
+      || die "$v under callgrind: load failed: $(tail -n 3 "$RAW/cg-load-$v.txt")"
+    callgrind_control -d "$pid" >>"$RAW/cg-control-$v.txt" 2>&1 || die "callgrind_control -d $pid failed"
+    stop_pid "$pid" 10
+    forget_pid "$pid"
+    # the dump requested after the counted requests is the file with the suffix .1
+    [ -f "$cg.1" ] || die "no callgrind dump $cg.1 (see $RAW/cg-control-$v.txt)"
+    ir="$(awk '$1 == "summary:" { print $2; exit }' "$cg.1")"
+    is_uint "$ir" || die "no summary line in $cg.1"
+    printf '%s\t%s\t%s\t%s\n' "$v" "$CG_N" "$ir" "$((ir / CG_N))" >>"$CG_TSV"
+    log "$(printf 'callgrind %-20s %s instructions for %s requests = %s per request' "$v" "$ir" "$CG_N" "$((ir / CG_N))")"
+  }
+  log "callgrind pass: $CG_WARM warm-up + $CG_N counted requests over $CG_CONNS connections per variant"
+  for v in "${VARS[@]}"; do cg_measure "$v"; done
+fi
+
 # ---------------------------------------------------------------- summary
 SUMMARY="$OUT/summary.md"
 {
@@ -390,6 +464,16 @@ if rtt != "-":
     print(line)
 EOF
   echo
+  if [ "$CG_N" != 0 ]; then
+    echo "Instructions per request under callgrind (user space, the whole gateway process; $CG_WARM warm-up requests, counters zeroed, then $CG_N keep-alive GET / over $CG_CONNS connections; one run per variant):"
+    echo
+    echo "| variant | instructions/req | vs bare |"
+    echo "|---|---:|---:|"
+    awk -F'\t' 'NR > 1 { v[NR] = $1; ir[NR] = $4; if ($1 == "bare") b = $4 }
+      END { for (i = 2; i <= NR; i++) printf "| %s | %d | %s |\n", v[i], ir[i],
+              (v[i] == "bare" || !b) ? "" : sprintf("%+.1f %%", (ir[i] / b - 1) * 100) }' "$CG_TSV"
+    echo
+  fi
 } >"$SUMMARY"
 
 echo
