@@ -321,12 +321,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
   fi
 done
 
-# Redis round trip with nothing else running: PING from redis-cli, 3 s (one sample per ms or
-# so), plus the script's own run time inside Redis (INFO commandstats usec_per_call).
+# Redis round trip with nothing else running: PING from redis-cli for 3 s, plus the script's own run time inside Redis (INFO commandstats usec_per_call).
 REDIS_RTT="-"; REDIS_SCRIPT_US="-"
 if has_var rl-global; then
-  lat_out="$(timeout -k 2 4 redis-cli -h 127.0.0.1 -p "$P_REDIS" --latency -i 3 </dev/null 2>&1 | tr '\r' '\n' | grep 'avg' | tail -n 1 || true)"
-  REDIS_RTT="$(awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^avg:?$/) { v = $(i + 1); gsub(/,/, "", v); print v * 1000; exit } }' <<<"$lat_out")"
+  # --raw prints "min max avg count" (milliseconds) when stopped; one PING every 10 ms.
+  lat_out="$(timeout -s INT -k 2 3 redis-cli -h 127.0.0.1 -p "$P_REDIS" --latency --raw </dev/null 2>&1 | tail -n 1 || true)"
+  REDIS_RTT="$(awk 'NF == 4 && $3 ~ /^[0-9.]+$/ { print $3 * 1000 }' <<<"$lat_out")"
   [ -n "$REDIS_RTT" ] || REDIS_RTT="-"
   REDIS_SCRIPT_US="$(rcli info commandstats | tr -d '\r' \
     | awk -F'[:,=]' '$1 == "cmdstat_evalsha" { for (i = 2; i < NF; i += 2) if ($i == "usec_per_call") print $(i + 1) }')"
