@@ -307,6 +307,7 @@ measure() { # VARIANT ROUND CONNS
     }' "$f" | tee -a "$TSV" | awk -F'\t' '{ printf "[run] %-22s r%s %8s req/s  p50 %s  p99 %s ms  cpu %s us/req  4xx/5xx %s  errors %s  redis calls/req %s\n", $1, $2, $4, $5, $6, $7, $8, $9, $10 }' >&2
 }
 
+LOAD_START="$(load_line)"
 log "variants: ${VARS[*]}; $ROUNDS round(s) of ${DUR}s at $CONNS connections; output in $OUT"
 for ((r = 1; r <= ROUNDS; r++)); do
   # Rotate the order each round so slow phases of the machine hit every variant alike.
@@ -403,7 +404,7 @@ SUMMARY="$OUT/summary.md"
 {
   echo "## Edge policies (issue #14) · $(date -u '+%Y-%m-%d %H:%M:%S UTC') · commit $(commit_line)"
   echo
-  echo "- machine: $(machine_line); $(load_line) at the end of the run"
+  echo "- machine: $(machine_line); $LOAD_START at the start of the measurements, $(load_line) at the end"
   echo "- versions: nginx $(nginx -v 2>&1 | sed 's#.*nginx/##'), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')$(has_var rl-global && printf ', redis-server %s' "$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')"), meshgate binary $MESHGATE_BIN"
   echo "- command: \`$CMDLINE\`"
   echo "- method: one route to one nginx (fixed 200 answer), a fresh gateway process (one worker, pinned to core $PROXY_CPU) per run, wrk -t1 (and nginx, Redis) on core $LG_CPU; medians of $ROUNDS interleaved round(s) of ${DUR} s at $CONNS keep-alive connections, warm-up ${WARMUP} s; CPU = gateway utime + stime from /proc over the run / requests; ratios = median of the per-round ratios to bare (paired)"
