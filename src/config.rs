@@ -2,6 +2,7 @@
 //! then `validate` into the typed `Config`, collecting every problem with its key path.
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
+pub mod cache;
 mod env;
 #[cfg(test)]
 mod limits_tests;

@@ -446,6 +446,9 @@ pub struct RawRoute {
     pub max_requests: Option<i64>,
     /// Requests allowed to queue for `max_requests`; beyond them the answer is 503. Default 0.
     pub max_pending: Option<i64>,
+    /// Response caching. Default off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<super::cache::RawCache>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -596,6 +599,7 @@ impl Default for RawRoute {
             panic_threshold: None,
             max_requests: None,
             max_pending: None,
+            cache: None,
             unknown: Unknown::new(),
         }
     }

@@ -120,6 +120,10 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Opt
     set.one_owner(c, rp, i, backend.as_ref(), &service_settings);
     let connect = connect(c, set, rp, r, backend.as_ref());
     Some(RouteConfig {
+        cache: r
+            .cache
+            .as_ref()
+            .and_then(|raw| super::cache::cache(c, &format!("{rp}.cache"), raw)),
         connect,
         name,
         path,

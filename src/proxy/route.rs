@@ -62,6 +62,8 @@ pub struct Route {
     pub websocket_idle_timeout: Option<Duration>,
     /// Request counts by method and status class, latency histograms, retries.
     pub metrics: crate::metrics::RouteMetrics,
+    /// The route's response store, when `cache` is on (shared with its stage; purged by admin).
+    pub cache: Option<Arc<crate::cache::Cache>>,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -84,6 +86,7 @@ impl Route {
         limiter: Option<Arc<Limiter>>,
     ) -> Self {
         let pool_name = pool.name().clone();
+        let cache = cfg.cache.clone().map(crate::cache::Cache::new);
         Self {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
@@ -91,7 +94,8 @@ impl Route {
             picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
             retry: cfg.retry.clone(),
             budget: Default::default(),
-            pipeline: pipeline(cfg, pool_name, limiter),
+            pipeline: pipeline(cfg, pool_name, limiter, cache.as_ref()),
+            cache,
             stream_timeout: cfg.stream_timeout,
             metrics: Default::default(),
             client: None,
@@ -131,8 +135,18 @@ impl Route {
 
 /// A route's stages from its settings, in the documented order; stages with nothing to do are
 /// left out, so a plain route runs only the forwarding headers.
-fn pipeline(cfg: &RouteConfig, service: Arc<str>, limiter: Option<Arc<Limiter>>) -> Pipeline {
+fn pipeline(
+    cfg: &RouteConfig,
+    service: Arc<str>,
+    limiter: Option<Arc<Limiter>>,
+    cache: Option<&Arc<crate::cache::Cache>>,
+) -> Pipeline {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    if let Some(cache) = cache {
+        stages.push(Box::new(super::cache::CacheStage {
+            cache: cache.clone(),
+        }));
+    }
     if let Some(limit) = cfg.max_body {
         stages.push(Box::new(BodyLimit { limit }));
     }

@@ -100,6 +100,8 @@ pub struct RouteConfig {
     pub panic_threshold: Option<f64>,
     /// Settings of the route's service.
     pub service_settings: ServiceSettings,
+    /// Response caching.
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 impl RouteConfig {
@@ -125,6 +127,7 @@ impl RouteConfig {
             stream_timeout: None,
             panic_threshold: None,
             service_settings: ServiceSettings::default(),
+            cache: None,
         }
     }
 
