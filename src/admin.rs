@@ -417,7 +417,18 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
         })
         .unwrap_or_default();
     let upstream_path = crate::rules::path::rewrite_path(path, &route.rewrite);
-    let outcome = if candidates.is_empty() {
+    let cache = route
+        .cache
+        .as_deref()
+        .map(|c| explain_cache(c, &method, &uri, path));
+    let cache_hit = cache
+        .as_ref()
+        .and_then(|c| c["decision"].as_str())
+        .is_some_and(|d| d.starts_with("HIT"));
+    let outcome = if cache_hit {
+        "answered by the cache stage from a fresh stored answer (X-Cache: HIT); not forwarded"
+            .to_owned()
+    } else if candidates.is_empty() {
         format!(
             "no endpoint of service {} can take it: the answer is 503",
             route.pool.name()
@@ -447,7 +458,7 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                     "identity": m.identity().service,
                     "expects": m.expected_id(),
                 })),
-                "cache": route.cache.as_deref().map(|c| explain_cache(c, &method, &uri, path)),
+                "cache": cache,
             },
             "pool": {
                 "endpoints": snap.len(),

@@ -568,6 +568,10 @@ async fn status_metrics_and_explain_show_the_cache() {
         .unwrap();
     let decision = explain["route"]["cache"]["decision"].as_str().unwrap();
     assert!(decision.starts_with("HIT"), "{explain}");
+    assert!(
+        explain["outcome"].as_str().unwrap().contains("cache"),
+        "{explain}"
+    );
     let status = support::util::status(&c, &gw).await;
     assert_eq!(status["routes"][0]["cache"]["hits"], 1);
 }

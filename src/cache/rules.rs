@@ -9,7 +9,7 @@ use http::header::{
 };
 use http::StatusCode;
 
-use super::CacheSettings;
+use super::settings::CacheSettings;
 
 /// Statuses stored on `default_ttl` when the response gives no freshness of its own (RFC 9110
 /// "heuristically cacheable"; 206 is left out: ranges are not cached).
@@ -20,8 +20,10 @@ const EXPLICIT_ONLY: [u16; 3] = [302, 307, 451];
 /// Request headers some frameworks read as the request's real URL, host or method. The gateway
 /// overwrites `X-Forwarded-Host` and `X-Forwarded-Proto`; answers to requests carrying one of
 /// these are never stored, so an unkeyed header cannot change what other clients receive.
-pub const OVERRIDE_HEADERS: [&str; 9] = [
+pub const OVERRIDE_HEADERS: [&str; 11] = [
     "x-original-url",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
     "x-rewrite-url",
     "x-forwarded-server",
     "x-forwarded-scheme",

@@ -1,59 +1,16 @@
-//! `cache = { ... }` on a route: the raw table and its validation into `CacheSettings`
-//! (reusable for a named policy's `cache`).
+//! `cache = { ... }` on a route: validation of the raw table (`raw::RawCache`) into
+//! `CacheSettings`, reusable for a named policy's `cache`.
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::problems::Problems;
-use super::raw::{RawSize, Unknown};
+use super::raw::RawCache;
 use crate::cache::{CacheSettings, KeyPart};
 use crate::limits;
 
 /// Bytes a route's store may hold: 1 KiB to 64 GiB.
 const MAX_SIZE: RangeInclusive<u64> = 1024..=64 << 30;
-
-/// `cache = { ... }`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RawCache {
-    /// Bytes the route's store may hold. Default `256MiB`.
-    pub max_size: RawSize,
-    /// Larger answers stream through uncached. Default `8MiB`.
-    pub max_object_size: RawSize,
-    /// Freshness for cacheable answers without their own. Default `0s` (not stored).
-    pub default_ttl: String,
-    /// Key parts: `method`, `host`, `path`, `query`, `header:NAME`.
-    pub key: Vec<String>,
-    /// Serve stale while one request revalidates. Default `0s`.
-    pub stale_while_revalidate: String,
-    /// Serve stale when the upstream fails. Default `0s`.
-    pub stale_if_error: String,
-    /// Store answers that set cookies. Default false.
-    pub cache_set_cookie: bool,
-    /// How long concurrent misses wait for the one request sent upstream. Default `5s`.
-    pub lock_timeout: String,
-    /// Keys the model does not know; each is reported by `validate`.
-    #[serde(flatten, skip_serializing)]
-    pub unknown: Unknown,
-}
-
-impl Default for RawCache {
-    fn default() -> Self {
-        Self {
-            max_size: RawSize::Text("256MiB".into()),
-            max_object_size: RawSize::Text("8MiB".into()),
-            default_ttl: "0s".into(),
-            key: ["method", "host", "path", "query"].map(String::from).into(),
-            stale_while_revalidate: "0s".into(),
-            stale_if_error: "0s".into(),
-            cache_set_cookie: false,
-            lock_timeout: "5s".into(),
-            unknown: Unknown::new(),
-        }
-    }
-}
 
 /// Validates `raw` found at `at` (e.g. `routes[2].cache`); `None` when a value is wrong (each
 /// problem is recorded with its key path).
