@@ -512,6 +512,8 @@ fn explain_cache(c: &crate::cache::Cache, method: &str, uri: &http::Uri, path: &
             "BYPASS: an unsafe method; a successful answer removes this URL's stored answers"
                 .to_owned()
         }
+    } else if host.is_none() && c.settings().key.contains(&crate::cache::KeyPart::Host) {
+        "unknown: the cache key includes the host; explain a full URL (http://host/path)".to_owned()
     } else {
         let key = c.key(
             &method,
@@ -520,7 +522,7 @@ fn explain_cache(c: &crate::cache::Cache, method: &str, uri: &http::Uri, path: &
             uri.query(),
             &http::HeaderMap::new(),
         );
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         match c.peek(&key) {
             Some(e) if e.is_fresh(now) => format!(
                 "HIT: answered by the cache stage, a fresh answer is stored (age {}s of {}s)",

@@ -327,7 +327,7 @@ async fn stale_while_revalidate_answers_others_while_one_request_refreshes() {
         support::gateway::eventually(Duration::from_secs(5), || async { up.hits_on("/w") == 2 })
             .await
     );
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let r = get(&c, &gw, "/w").await;
     assert_eq!(x_cache(&r), "STALE");
     assert_eq!(r.text().await.unwrap(), "old");

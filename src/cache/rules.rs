@@ -249,7 +249,7 @@ pub fn normalise(name: &HeaderName, req: &HeaderMap) -> Option<String> {
         let text = String::from_utf8_lossy(v.as_bytes());
         for item in split_list(&text) {
             let item = item
-                .split(|c: char| c == ' ' || c == '\t')
+                .split([' ', '\t'])
                 .filter(|s| !s.is_empty())
                 .collect::<Vec<_>>()
                 .join(" ")

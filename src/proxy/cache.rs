@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -14,6 +14,7 @@ use http::header::{
 };
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
 
 use super::body::ResponseBody;
 use super::error::ProxyError;
