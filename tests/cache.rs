@@ -575,3 +575,78 @@ async fn status_metrics_and_explain_show_the_cache() {
     let status = support::util::status(&c, &gw).await;
     assert_eq!(status["routes"][0]["cache"]["hits"], 1);
 }
+
+/// A raw upstream answering every connection with `head` and `body` sent as `chunks` chunks.
+async fn raw_chunked(body_len: usize, chunks: usize) -> support::raw::RawUpstream {
+    let mut reply = String::from(
+        "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    let part = body_len / chunks;
+    for _ in 0..chunks {
+        reply.push_str(&format!("{part:x}\r\n{}\r\n", "z".repeat(part)));
+    }
+    reply.push_str("0\r\n\r\n");
+    support::raw::RawUpstream::start(Box::leak(reply.into_bytes().into_boxed_slice())).await
+}
+
+async fn raw_gateway(up: &support::raw::RawUpstream, cache: &str) -> TestGateway {
+    // The raw upstream never closes: a body it leaves unfinished ends with `stream_timeout`.
+    start(&format!(
+        r#"
+        [[routes]]
+        path = "/"
+        targets = ["{}"]
+        retry = {{ attempts = 1 }}
+        stream_timeout = "500ms"
+        cache = {{ {cache} }}
+        "#,
+        up.url()
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn answers_of_unknown_length_are_stored_only_within_max_object_size() {
+    let c = client();
+    // 4 KiB in 4 chunks, no Content-Length: copied until it passes 1 KiB, then only streamed.
+    let big = raw_chunked(4096, 4).await;
+    let gw = raw_gateway(&big, r#"max_object_size = "1KiB""#).await;
+    for _ in 0..2 {
+        let r = get(&c, &gw, "/u").await;
+        assert_eq!(x_cache(&r), "MISS");
+        assert_eq!(r.bytes().await.unwrap().len(), 4096);
+    }
+    assert_eq!(big.heads(), 2);
+    // 512 bytes in 2 chunks: stored once it ended.
+    let small = raw_chunked(512, 2).await;
+    let gw = raw_gateway(&small, r#"max_object_size = "1KiB""#).await;
+    assert_eq!(get(&c, &gw, "/u").await.bytes().await.unwrap().len(), 512);
+    let r = get(&c, &gw, "/u").await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.bytes().await.unwrap().len(), 512);
+    assert_eq!(small.heads(), 1);
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_its_content_length_is_never_stored() {
+    let up = support::raw::RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly-half",
+    )
+    .await;
+    let gw = raw_gateway(&up, "").await;
+    let c = client();
+    for _ in 0..2 {
+        // The upstream never sends the rest: the client's read fails or stops short.
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            let r = get(&c, &gw, "/h").await;
+            let x = x_cache(&r);
+            (x, r.bytes().await.map(|b| b.len()))
+        })
+        .await;
+        if let Ok((x, body)) = r {
+            assert_eq!(x, "MISS");
+            assert!(body.map_or(true, |n| n < 100));
+        }
+    }
+    assert_eq!(up.heads(), 2);
+}
