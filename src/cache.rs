@@ -42,7 +42,9 @@ pub struct Entry {
 impl Entry {
     /// Its current age.
     pub fn age(&self, now: Instant) -> Duration {
-        self.fresh.initial_age + now.saturating_duration_since(self.stored)
+        self.fresh
+            .initial_age
+            .saturating_add(now.saturating_duration_since(self.stored))
     }
 
     /// How long past its lifetime it is (zero while fresh).

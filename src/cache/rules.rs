@@ -34,6 +34,9 @@ pub const OVERRIDE_HEADERS: [&str; 11] = [
     "forwarded",
 ];
 
+/// Delta-seconds beyond this are taken as this (RFC 9111 1.2.2), so no sum of them overflows.
+const MAX_DELTA: u64 = 2_147_483_648;
+
 /// Cache-Control directives, names lowercased, values unquoted.
 #[derive(Debug, Default)]
 pub struct Directives(Vec<(String, Option<String>)>);
@@ -70,7 +73,7 @@ impl Directives {
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
             return Some(0);
         }
-        Some(v.parse().unwrap_or(u64::MAX))
+        Some(v.parse().unwrap_or(MAX_DELTA).min(MAX_DELTA))
     }
 }
 
@@ -178,7 +181,9 @@ pub fn storable(
         shareable_with_auth,
     };
     let validator = resp.contains_key(ETAG) || resp.contains_key(LAST_MODIFIED);
-    let usable = fresh.lifetime + fresh.stale_if_error.max(fresh.stale_while_revalidate);
+    let usable = fresh
+        .lifetime
+        .saturating_add(fresh.stale_if_error.max(fresh.stale_while_revalidate));
     if !validator && usable <= fresh.initial_age {
         return Err("no freshness left and no validator");
     }
@@ -200,7 +205,7 @@ fn initial_age(
         .get(AGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .map(|s| Duration::from_secs(s.min(MAX_DELTA)))
         .unwrap_or_default();
     let delay = response_time
         .duration_since(request_time)
@@ -379,6 +384,18 @@ mod tests {
         assert!(check(&[("cache-control", "max-age=5"), ("set-cookie", "a=b")]).is_err());
         assert!(check(&[]).is_err(), "no freshness, no validator");
         assert!(check(&[("cache-control", "no-cache"), ("etag", "\"x\"")]).is_ok());
+    }
+
+    #[test]
+    fn huge_values_do_not_overflow() {
+        let f = check(&[
+            ("cache-control", "max-age=99999999999999999999999, stale-if-error=18446744073709551615"),
+            ("age", "18446744073709551615"),
+            ("etag", "\"x\""),
+        ])
+        .unwrap();
+        assert_eq!(f.lifetime, Duration::from_secs(MAX_DELTA));
+        assert!(f.initial_age >= Duration::from_secs(MAX_DELTA));
     }
 
     #[test]
