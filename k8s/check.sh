@@ -3,8 +3,11 @@
 #   1. docker-compose.yml with Compose itself: `docker-compose config -q` (Debian's
 #      docker-compose package, installed here when missing and we may), or `docker compose`.
 #   2. k8s/validate.py: the manifests in k8s/, the Consul definitions in consul/ and their
-#      cross-references with docker-compose.yml (PyYAML, installed with pip when missing).
-# Exit status non-zero if either fails.
+#      cross-references with docker-compose.yml, and the mesh example (compose profile `mesh`,
+#      consul/mesh/, k8s/mesh/) (PyYAML, installed with pip when missing).
+#   3. When kubectl or kustomize is installed (not required): `kustomize build` of k8s/ and
+#      k8s/mesh/, which catches what the Python checks cannot (patch targets, generator merges).
+# Exit status non-zero if any fails.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -35,3 +38,19 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
     || python3 -m pip install --quiet --break-system-packages pyyaml
 fi
 python3 k8s/validate.py
+
+echo "== kustomize builds"
+if command -v kubectl >/dev/null 2>&1; then
+  build=(kubectl kustomize)
+elif command -v kustomize >/dev/null 2>&1; then
+  build=(kustomize build)
+else
+  build=()
+  echo "skipped: neither kubectl nor kustomize installed"
+fi
+if [ "${#build[@]}" -gt 0 ]; then
+  for dir in k8s k8s/mesh; do
+    "${build[@]}" "$dir" >/dev/null
+    echo "$dir: ok (${build[*]})"
+  done
+fi

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
@@ -417,6 +418,23 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
         })
         .unwrap_or_default();
     let upstream_path = crate::rules::path::rewrite_path(path, &route.rewrite);
+    let rate_limit = route.rate_limiter().map(|l| {
+        let mut v = l.describe();
+        v["answers"] = json!(
+            "429 with Retry-After when the bucket of the request's key is empty; 400 when a key part is missing and required is set"
+        );
+        if let Some(d) = l.peek_route(&route.name) {
+            v["bucket_now"] = json!({
+                "remaining": d.remaining,
+                "retry_after_s": crate::ratelimit::ceil_secs(d.retry_after),
+            });
+        }
+        v
+    });
+    let limited = route
+        .rate_limiter()
+        .and_then(|l| l.peek_route(&route.name))
+        .filter(|d| !d.allowed);
     let cache = route
         .cache
         .as_deref()
@@ -425,7 +443,13 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
         .as_ref()
         .and_then(|c| c["decision"].as_str())
         .is_some_and(|d| d.starts_with("HIT"));
-    let outcome = if cache_hit {
+    let outcome = if let Some(d) = limited {
+        format!(
+            "the rate_limit stage answers: the route's bucket ({}) is empty, so the answer is 429 with Retry-After: {}",
+            route.rate_limiter().map_or("", |l| &*l.settings().name),
+            crate::ratelimit::ceil_secs(d.retry_after).max(1)
+        )
+    } else if cache_hit {
         "answered by the cache stage from a fresh stored answer (X-Cache: HIT); not forwarded"
             .to_owned()
     } else if candidates.is_empty() {
@@ -454,6 +478,7 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                 "timeout_ms": route.timeout.as_millis() as u64,
                 "retry_attempts": route.retry.attempts,
                 "stages": route.pipeline.names().collect::<Vec<_>>(),
+                "rate_limit": rate_limit,
                 "mesh": route.mesh.as_ref().map(|m| json!({
                     "identity": m.identity().service,
                     "expects": m.expected_id(),
@@ -644,6 +669,14 @@ pub fn status(state: &ControlState) -> Value {
                 "rewrite": r.rewrite.iter().map(|w| format!("{w:?}")).collect::<Vec<_>>(),
                 "timeout_ms": r.timeout.as_millis() as u64,
                 "preserve_host": r.preserve_host,
+                "rate_limit": r.rate_limiter().map(|l| {
+                    let m = &r.metrics.rate_limit;
+                    let mut v = l.describe();
+                    v["allowed"] = json!(m.allowed.load(Ordering::Relaxed));
+                    v["limited"] = json!(m.limited.load(Ordering::Relaxed));
+                    v["missing_key"] = json!(m.missing_key.load(Ordering::Relaxed));
+                    v
+                }),
                 "cache": r.cache.as_deref().map(cache_json),
             })
         })

@@ -7,7 +7,9 @@ mod env;
 #[cfg(test)]
 mod limits_tests;
 pub mod otel;
+pub mod policies;
 mod problems;
+pub mod ratelimit;
 pub mod raw;
 mod routes;
 mod targets;
@@ -118,6 +120,10 @@ pub struct Config {
     pub tracing: otel::TracingConfig,
     /// Routes in file order (matching picks the longest prefix).
     pub routes: Vec<RouteConfig>,
+    /// `[policies.NAME]`, validated (routes already carry what they use).
+    pub policies: BTreeMap<String, policies::NamedPolicy>,
+    /// `[redis]`: the store of global rate limits.
+    pub redis: Option<crate::ratelimit::RedisSettings>,
     /// The file merged with `MESHGATE_*` as it was read, for the admin `/config` view.
     pub source: Arc<RawConfig>,
 }
@@ -230,6 +236,8 @@ pub fn kv_route(key: &str, document: &[u8], config: &Config) -> Result<RouteConf
             .consul
             .as_ref()
             .is_some_and(|c| c.connect.enabled),
+        policies: &config.policies,
+        redis: config.redis.is_some(),
     };
     let route = routes::single(&mut c, &raw, "", name, services);
     for p in &mut c.problems {
@@ -260,6 +268,9 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let metrics_enabled = metrics(&mut c, &raw.metrics);
     let log = log(&mut c, &raw.log);
     let tracing = tracing(&mut c, &raw.tracing, env);
+    let redis = raw.redis.as_ref().and_then(|r| ratelimit::redis(&mut c, r));
+    let redis_set = raw.redis.is_some();
+    let policies = policies::policies(&mut c, &raw.policies, redis_set);
     let routes = routes::routes(
         &mut c,
         &raw.routes,
@@ -267,6 +278,8 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             static_services: &discovery.static_services,
             static_only: discovery.provider == Provider::Static,
             connect_default: discovery.consul.as_ref().is_some_and(|c| c.connect.enabled),
+            policies: &policies,
+            redis: redis_set,
         },
     );
 
@@ -286,6 +299,8 @@ fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         log,
         tracing,
         routes,
+        policies,
+        redis,
         source,
     })
 }
@@ -423,6 +438,11 @@ fn server(c: &mut Problems, raw: &RawServer) -> ServerConfig {
             limits::H2_MAX_CONCURRENT_STREAMS,
         ) as u32,
         reuse_port: raw.reuse_port,
+        trusted_proxies: crate::ratelimit::TrustedProxies::parse(&raw.trusted_proxies)
+            .unwrap_or_else(|e| {
+                c.err("server.trusted_proxies", e);
+                Default::default()
+            }),
     };
     if raw.reuse_port && !cfg!(unix) {
         c.err(

@@ -7,7 +7,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | leaf | [`clock`], [`error`], [`tls`], [`limits`], [`metrics`], [`discovery`] (vocabulary), [`body`], [`conn`], [`rules`], [`mock`] |
-//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`], [`cache`] (response store) |
+//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`], [`ratelimit`], [`cache`] (response store) |
 //! | data plane | [`proxy`]: route and table, stage pipeline, forwarding, pool, response body, upgrades |
 //! | serving | [`server`] (decides which admin paths the main listener answers) |
 //! | configuration | [`config`]: figment, raw, validated, from the lower layers' settings types |
@@ -50,6 +50,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod ratelimit;
 pub mod rules;
 pub mod server;
 pub mod telemetry;
@@ -224,6 +225,7 @@ impl Gateway {
             upgrades: Default::default(),
             telemetry,
             path_rules: rules::path::LivePathRules::new(config.server.path_rules()),
+            trusted_proxies: ArcSwap::from_pointee(config.server.trusted_proxies.clone()),
         });
         let tls = Arc::new(ArcSwapOption::new(
             config.tls.as_ref().map(|t| t.server_config.clone()),

@@ -58,8 +58,10 @@ fn main() -> ExitCode {
     let loaded = match (&cli.config, demo_listen) {
         (_, Some(_)) => Config::from_toml(meshgate::config::DEMO_TOML, &env),
         (Some(path), None) => Config::load(path, &env),
+        // Containers configure the gateway with variables alone (docker-compose.yml, k8s/).
+        (None, None) if env.has_meshgate_vars() => Config::from_toml("", &env),
         (None, None) => {
-            eprintln!("meshgate: no configuration given; use --config FILE, or `meshgate demo` to try it out");
+            eprintln!("meshgate: no configuration given; use --config FILE, set MESHGATE_* variables, or run `meshgate demo` to try it out");
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };

@@ -121,6 +121,21 @@ pub struct RouteMetrics {
     pub retried_ok: AtomicU64,
     /// Requests that needed a retry and still failed.
     pub retried_failed: AtomicU64,
+    /// The route's rate limit, shared with its stage.
+    pub rate_limit: std::sync::Arc<RateLimitMetrics>,
+}
+
+/// A route's rate-limit counters.
+#[derive(Debug, Default)]
+pub struct RateLimitMetrics {
+    /// Requests admitted.
+    pub allowed: AtomicU64,
+    /// Requests refused with 429.
+    pub limited: AtomicU64,
+    /// Requests refused with 400 for lacking a `required` key part.
+    pub missing_key: AtomicU64,
+    /// Decisions Redis failed to make (`on_store_error` decided).
+    pub store_errors: AtomicU64,
 }
 
 impl Default for RouteMetrics {
@@ -133,6 +148,7 @@ impl Default for RouteMetrics {
             retries: AtomicU64::new(0),
             retried_ok: AtomicU64::new(0),
             retried_failed: AtomicU64::new(0),
+            rate_limit: Default::default(),
         }
     }
 }

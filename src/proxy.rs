@@ -8,6 +8,7 @@ pub mod forward;
 pub mod mesh;
 pub mod pipeline;
 pub mod pool;
+pub mod ratelimit;
 pub mod route;
 pub mod settings;
 pub mod stages;
@@ -51,6 +52,8 @@ pub struct ProxyState {
     pub telemetry: telemetry::RequestTelemetry,
     /// `server.escaped_slashes` and `server.merge_slashes`; replaced on reload.
     pub path_rules: LivePathRules,
+    /// `server.trusted_proxies`; replaced on reload.
+    pub trusted_proxies: ArcSwap<crate::ratelimit::TrustedProxies>,
 }
 
 /// Requests the gateway answers itself before routing. The server decides which (admin's
@@ -91,6 +94,23 @@ async fn handle_inner(
     local: &dyn LocalAnswer,
 ) -> Response<ResponseBody> {
     let started = tokio::time::Instant::now();
+    let peer = client.ip();
+    // The client behind trusted proxies, for everything after this point: the span, the access
+    // log, `ip_hash`, rate-limit keys and the `X-Forwarded-For` sent upstream.
+    let client = {
+        let trusted = state.trusted_proxies.load();
+        if trusted.is_empty() {
+            client
+        } else {
+            let r = trusted.client(peer, req.headers());
+            crate::ratelimit::client_ip::keep_trusted_chain(req.headers_mut(), r.kept);
+            match r.kept {
+                0 => client,
+                // The port of a forwarded client is unknown.
+                _ => SocketAddr::new(r.client, 0),
+            }
+        }
+    };
     let request_id = headers::request_id(req.headers());
     let obs = &state.telemetry;
     let (span, traceparent) = obs.server_span(&req, client);
@@ -115,6 +135,7 @@ async fn handle_inner(
         _ => {
             let down = Downstream {
                 client,
+                peer,
                 proto,
                 local,
                 request_id: &request_id,
@@ -139,6 +160,7 @@ async fn handle_inner(
 /// What the listener and the edge steps know about a request before it is routed.
 struct Downstream<'a> {
     client: SocketAddr,
+    peer: std::net::IpAddr,
     proto: &'static str,
     local: &'a dyn LocalAnswer,
     request_id: &'a HeaderValue,
@@ -153,6 +175,7 @@ async fn route_request(
 ) -> Response<ResponseBody> {
     let Downstream {
         client,
+        peer,
         proto,
         local,
         request_id,
@@ -211,6 +234,7 @@ async fn route_request(
         path: &path,
         upstream_path: None,
         client: client.ip(),
+        peer,
         host,
         proto,
         request_id,
@@ -220,6 +244,9 @@ async fn route_request(
         permit: None,
         span,
         log,
+        api_key: None,
+        jwt_claims: None,
+        rate_limit: None,
     };
     let result = match route.pipeline.request(&mut ex).await {
         Ok((Flow::Next, ran)) => {
@@ -278,7 +305,9 @@ fn log_error(e: &ProxyError, route: &Route) {
         | ProxyError::InvalidHead { .. }
         | ProxyError::InvalidPath { .. }
         | ProxyError::ClientBody { .. }
-        | ProxyError::ClientTimeout { .. } => {
+        | ProxyError::ClientTimeout { .. }
+        | ProxyError::RateLimited(_)
+        | ProxyError::RateLimitKeyMissing { .. } => {
             tracing::debug!(route = %route.name, error = %Chain(e), "request refused")
         }
         ProxyError::NoEndpoint { .. } | ProxyError::Overloaded { .. } => {
@@ -301,13 +330,34 @@ pub fn error_response(
     route: Option<&Route>,
     request_id: &HeaderValue,
 ) -> Response<ResponseBody> {
+    let mut resp = error_body(e, route, request_id);
+    // A refusal by the rate limit says when to come back, whoever wrote the body.
+    if let ProxyError::RateLimited(r) = e {
+        let secs = crate::ratelimit::ceil_secs(r.retry_after).max(1);
+        let h = resp.headers_mut();
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        h.insert(ratelimit::RATELIMIT_POLICY.clone(), r.policy.clone());
+        h.insert(ratelimit::RATELIMIT.clone(), r.state.clone());
+    }
+    resp
+}
+
+fn error_body(
+    e: &ProxyError,
+    route: Option<&Route>,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
     if let Some(route) = route {
         if let Some(custom) = route.error_handler.as_ref().and_then(|h| h(e)) {
             return custom.map(ResponseBody::full);
         }
         if let Some(page) = &route.error {
             let mut resp = Response::new(ResponseBody::full(page.body.clone()));
-            *resp.status_mut() = page.status.unwrap_or_else(|| e.status());
+            // The page's body, but a refusal by the rate limit stays a 429.
+            *resp.status_mut() = match e {
+                ProxyError::RateLimited(_) => e.status(),
+                _ => page.status.unwrap_or_else(|| e.status()),
+            };
             resp.headers_mut()
                 .insert(CONTENT_TYPE, page.content_type.clone());
             return resp;

@@ -37,6 +37,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "src/discovery/consul/",
             "src/telemetry.rs",
             "src/telemetry/",
+            "src/ratelimit.rs",
+            "src/ratelimit/",
             "src/cache.rs",
             "src/cache/",
         ],

@@ -124,3 +124,72 @@ fn json_and_yaml_files_are_read_by_extension() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn variables_alone_configure_the_gateway_and_nothing_at_all_is_refused() {
+    let bare = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_meshgate"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("MESHGATE_") {
+                c.env_remove(k);
+            }
+        }
+        c.env_remove("RUST_LOG");
+        c
+    };
+    // What docker-compose.yml's gateway does: `meshgate run` with MESHGATE_* variables only.
+    let out = bare()
+        .arg("check")
+        .env("MESHGATE_LISTEN", "0.0.0.0:8080")
+        .env(
+            "MESHGATE_ROUTES",
+            r#"[{path="/", targets=["http://127.0.0.1:9001"]}]"#,
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration is valid: 1 routes"
+    );
+    // The variables are validated like a file.
+    let out = bare()
+        .arg("check")
+        .env("MESHGATE_LISTEN", "not an address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+    // Neither a file nor a variable: refused, with what to do.
+    let out = bare().arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MESHGATE_* variables"));
+}
+
+#[test]
+fn check_accepts_the_mesh_example_with_its_compose_variables() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/mesh/gateway.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["check", "--config", path])
+        .env("CONSUL_HTTP_ADDR", "consul-mesh:8500")
+        .env(
+            "MESHGATE_DISCOVERY__CONSUL__REGISTER__ADDRESS",
+            "mesh-gateway",
+        )
+        .env("MESHGATE_ADMIN_TOKEN", "demo-admin-token")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration is valid: 3 routes"
+    );
+}

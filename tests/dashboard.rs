@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::consul::{ConsulEmulator, EmulatorOptions};
 use support::gateway::{client, eventually, start};
 use support::upstream::TestUpstream;
 use tokio::time::Instant;
@@ -134,6 +135,27 @@ fn by_id<'a>(dom: &'a str, id: &str) -> (&'a str, &'a str) {
     (&dom[start..=open_end], &dom[open_end + 1..close])
 }
 
+/// Chromium, or `None` after a loud notice when it is missing and `CI` is not set (with `CI`
+/// set a missing Chromium fails the test).
+fn chromium_or_skip() -> Option<PathBuf> {
+    let found = find_chromium();
+    if found.is_none() {
+        let msg = "`chromium` is not installed, so the dashboard test cannot run. \
+                   `.ci/run` installs it (apt-get install chromium); locally: \
+                   `apt-get install -y chromium`.";
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
+        let bar = "!".repeat(78);
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n{bar}\n!!! SKIPPED dashboard test (CI not set): {msg}\n{bar}"
+        );
+    }
+    found
+}
+
 async fn health(admin_url: &str) -> Value {
     client()
         .get(admin_url)
@@ -148,19 +170,7 @@ async fn health(admin_url: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_renders_live_figures_in_headless_chromium() {
     let started = Instant::now();
-    let Some(bin) = find_chromium() else {
-        let msg = "`chromium` is not installed, so the dashboard test cannot run. \
-                   `.ci/run` installs it (apt-get install chromium); locally: \
-                   `apt-get install -y chromium`.";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
-        let bar = "!".repeat(78);
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n{bar}\n!!! SKIPPED dashboard test (CI not set): {msg}\n{bar}"
-        );
+    let Some(bin) = chromium_or_skip() else {
         return;
     };
 
@@ -314,4 +324,85 @@ async fn dashboard_renders_live_figures_in_headless_chromium() {
     gw.stop().await;
     up.shutdown().await;
     idle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_mesh_identity() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let consul = ConsulEmulator::start_with(EmulatorOptions {
+        jitter: false,
+        ..EmulatorOptions::default()
+    })
+    .await;
+    let gw = start(&format!(
+        r#"
+        [discovery]
+        provider = "consul"
+        [discovery.consul]
+        address = "{}"
+        wait = "2s"
+        startup_timeout = "5s"
+        [[routes]]
+        name = "web"
+        path = "/web"
+        service = "web"
+        connect = true
+        "#,
+        consul.url()
+    ))
+    .await;
+    let status_url = gw.admin_url("/status");
+    let status = || async { health(&status_url).await };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            status().await["mesh"]["loaded"] == true
+        })
+        .await,
+        "the mesh identity never loaded: {}",
+        status().await
+    );
+    let mesh = status().await["mesh"].clone();
+
+    let dom = chromium(&bin, &gw.admin_url("/dashboard"), &["--dump-dom"]).await;
+    let (section, _) = by_id(&dom, "mesh");
+    assert!(
+        !section.contains("hidden"),
+        "mesh section hidden: {section}"
+    );
+    let r = row(&dom, "data-mesh=\"meshgate\"");
+    assert!(field(r, "service").starts_with("meshgate"), "{r}");
+    assert!(field(r, "service").contains("loaded"), "{r}");
+    assert_eq!(field(r, "spiffe_id"), consul.service_uri("meshgate"));
+    assert_eq!(field(r, "serial"), mesh["leaf"]["serial"].as_str().unwrap());
+    assert_eq!(
+        field(r, "valid_until"),
+        mesh["leaf"]["valid_until"].as_str().unwrap()
+    );
+    let roots: Vec<&str> = mesh["roots"]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(!roots.is_empty());
+    assert_eq!(field(r, "roots"), roots.join(", "));
+    assert_eq!(field(r, "error"), "\u{2014}");
+
+    // Without a mesh route the section stays hidden.
+    let up = TestUpstream::builder().name("plain").start().await;
+    let plain = start(&format!(
+        r#"
+        [[routes]]
+        path = "/p"
+        targets = ["{}"]
+        "#,
+        up.url()
+    ))
+    .await;
+    let dom = chromium(&bin, &plain.admin_url("/dashboard"), &["--dump-dom"]).await;
+    let (section, _) = by_id(&dom, "mesh");
+    assert!(section.contains("hidden"), "mesh section shown: {section}");
 }

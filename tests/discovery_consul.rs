@@ -507,3 +507,73 @@ async fn a_thousand_services_stay_under_the_connection_limit_and_idle_cheaply() 
         "{made} requests in {window:?}: {per_service_per_wait:.2} per service per wait"
     );
 }
+
+#[tokio::test]
+async fn filter_selects_instances_and_a_bad_one_is_reported_not_retried() {
+    let consul = ConsulEmulator::start_with(emulator_options()).await;
+    let a = TestUpstream::builder().name("a").start().await;
+    let b = TestUpstream::builder().name("b").start().await;
+    consul.register(reg("web-a", &a).meta("version", "v1"));
+    consul.register(reg("web-b", &b).meta("version", "v2"));
+    let gw = start(&config(
+        &consul.url(),
+        r#"filter = 'Service.Meta.version == "v2"'"#,
+        &web_route("round_robin"),
+    ))
+    .await;
+    assert!(pool_len(&gw, "web", 1).await);
+    let t = tally(&gw, 10).await;
+    assert_eq!((t.get("a"), t.get("b")), (None, Some(&10)), "{t:?}");
+    let reqs = consul.requests_to("/v1/health/service/web");
+    assert!(
+        reqs.iter()
+            .all(|r| r.query_value("filter") == Some(r#"Service.Meta.version == "v2""#)),
+        "every read carries the filter as a query parameter"
+    );
+    // A change Consul's filter lets through reaches the pool like any other.
+    consul.register(reg("web-a", &a).meta("version", "v2"));
+    assert!(pool_len(&gw, "web", 2).await);
+
+    // Consul refuses a filter with a 500 naming its evaluator: a configuration error.
+    let bad = start(&config(
+        &consul.url(),
+        r#"filter = 'Service.Meta.version =='"#,
+        &web_route("round_robin"),
+    ))
+    .await;
+    let seen = eventually(Duration::from_secs(5), || async {
+        service_status(&bad, "web").await["discovery"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Failed to create boolean expression evaluator"))
+    })
+    .await;
+    let web = service_status(&bad, "web").await;
+    assert!(seen, "{web}");
+    assert!(
+        web["discovery"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("discovery.consul.filter"),
+        "{web}"
+    );
+    assert_eq!(
+        client()
+            .get(bad.url("/web/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    let refused = |consul: &ConsulEmulator| {
+        consul
+            .requests_to("/v1/health/service/web")
+            .iter()
+            .filter(|r| r.query_value("filter") == Some("Service.Meta.version =="))
+            .count()
+    };
+    // An observation window, not synchronisation: a transient error would have been retried
+    // within the first backoff (0.5 s) several times over.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(refused(&consul), 1, "the refused filter is not asked again");
+}

@@ -389,7 +389,10 @@ mod tests {
     #[test]
     fn huge_values_do_not_overflow() {
         let f = check(&[
-            ("cache-control", "max-age=99999999999999999999999, stale-if-error=18446744073709551615"),
+            (
+                "cache-control",
+                "max-age=99999999999999999999999, stale-if-error=18446744073709551615",
+            ),
             ("age", "18446744073709551615"),
             ("etag", "\"x\""),
         ])

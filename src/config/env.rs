@@ -38,6 +38,13 @@ impl Env {
         self.vars.get(name).filter(|v| !v.is_empty()).cloned()
     }
 
+    /// True when some `MESHGATE_*` variable is set (not empty): enough to run without a file.
+    pub fn has_meshgate_vars(&self) -> bool {
+        self.vars.iter().any(|(k, v)| {
+            k.len() > "MESHGATE_".len() && k.starts_with("MESHGATE_") && !v.is_empty()
+        })
+    }
+
     /// `MESHGATE_A__B=v` as the figment layer `a.b = v` (values parsed as TOML-like scalars).
     pub(super) fn provider(&self) -> Figment {
         let mut fig = Figment::new();

@@ -38,6 +38,12 @@ pub struct RawConfig {
     pub tracing: RawTracing,
     /// The route table.
     pub routes: Vec<RawRoute>,
+    /// Named edge policies routes refer to.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies: BTreeMap<String, RawPolicy>,
+    /// The store of global rate limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<super::ratelimit::raw::RawRedis>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -59,6 +65,8 @@ impl Default for RawConfig {
             log: RawLog::default(),
             tracing: RawTracing::default(),
             routes: Vec::new(),
+            policies: BTreeMap::new(),
+            redis: None,
             unknown: Unknown::new(),
         }
     }
@@ -174,6 +182,8 @@ pub struct RawServer {
     /// `SO_REUSEPORT` on the listeners, so a new process can bind the same ports while this
     /// one drains (zero-downtime restart). Default false.
     pub reuse_port: bool,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` names the client. Default none.
+    pub trusted_proxies: Vec<String>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -194,6 +204,7 @@ impl Default for RawServer {
             merge_slashes: false,
             h2_max_concurrent_streams: 100,
             reuse_port: false,
+            trusted_proxies: Vec::new(),
             unknown: Unknown::new(),
         }
     }
@@ -446,6 +457,12 @@ pub struct RawRoute {
     pub max_requests: Option<i64>,
     /// Requests allowed to queue for `max_requests`; beyond them the answer is 503. Default 0.
     pub max_pending: Option<i64>,
+    /// Rate limit for this route (see `[policies.NAME]` for one shared by several routes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<super::ratelimit::raw::RawRateLimit>,
+    /// Named policies (`[policies.NAME]`) this route uses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
     /// Response caching. Default off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<RawCache>,
@@ -599,6 +616,8 @@ impl Default for RawRoute {
             panic_threshold: None,
             max_requests: None,
             max_pending: None,
+            rate_limit: None,
+            policies: Vec::new(),
             cache: None,
             unknown: Unknown::new(),
         }
@@ -658,6 +677,17 @@ pub struct RawErrorPage {
     pub content_type: Option<String>,
     /// The body, sent as is.
     pub body: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+/// `[policies.NAME]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawPolicy {
+    /// A rate limit whose buckets every route naming this policy shares.
+    pub rate_limit: Option<super::ratelimit::raw::RawRateLimit>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,

@@ -31,6 +31,10 @@ pub(super) struct Services<'a> {
     pub(super) static_only: bool,
     /// `discovery.consul.connect.enabled`: the mesh default for routes naming a service.
     pub(super) connect_default: bool,
+    /// `[policies.NAME]`, already validated.
+    pub(super) policies: &'a BTreeMap<String, super::policies::NamedPolicy>,
+    /// `[redis]` is configured (global rate limits need it).
+    pub(super) redis: bool,
 }
 
 /// Every route in file order. A route with no usable backend is still checked, then left out
@@ -119,6 +123,14 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Opt
     let service_settings = service_settings(c, rp, r);
     set.one_owner(c, rp, i, backend.as_ref(), &service_settings);
     let connect = connect(c, set, rp, r, backend.as_ref());
+    let rate_limit = super::policies::route_rate_limit(
+        c,
+        rp,
+        &name,
+        r,
+        set.services.policies,
+        set.services.redis,
+    );
     Some(RouteConfig {
         cache: r
             .cache
@@ -143,6 +155,7 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Opt
         stream_timeout,
         panic_threshold: r.panic_threshold,
         service_settings,
+        rate_limit,
     })
 }
 

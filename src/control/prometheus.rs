@@ -160,7 +160,24 @@ impl Collector for GatewayCollector {
         let mut upstream_latency = Vec::new();
         let mut retries = Vec::new();
         let mut retry_outcomes = Vec::new();
+        let mut rate_limit = Vec::new();
+        let mut rate_limit_store = Vec::new();
         for r in table.routes() {
+            if r.rate_limiter().is_some() {
+                let m = &r.metrics.rate_limit;
+                for (decision, n) in [
+                    ("allowed", &m.allowed),
+                    ("limited", &m.limited),
+                    ("missing_key", &m.missing_key),
+                ] {
+                    let labels = vec![("route", s(&r.name)), ("decision", s(decision))];
+                    rate_limit.push((labels, n.load(Ordering::Relaxed)));
+                }
+                rate_limit_store.push((
+                    vec![("route", s(&r.name))],
+                    m.store_errors.load(Ordering::Relaxed),
+                ));
+            }
             let (route, service) = (s(&r.name), s(r.pool.name()));
             for (mi, method) in METHODS.iter().enumerate() {
                 for (ci, class) in CLASSES.iter().enumerate() {
@@ -211,6 +228,18 @@ impl Collector for GatewayCollector {
             "meshgate_retried_requests",
             "Requests that were retried, by final outcome.",
             &retry_outcomes,
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_rate_limit_decisions",
+            "Rate-limit decisions by route: allowed, limited (429), missing_key (400).",
+            &rate_limit,
+        )?;
+        counter(
+            &mut enc,
+            "meshgate_rate_limit_store_errors",
+            "Global rate-limit decisions Redis failed to make (on_store_error decided).",
+            &rate_limit_store,
         )?;
 
         let g = &state.proxy.metrics;

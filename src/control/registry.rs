@@ -23,6 +23,7 @@ use crate::mesh::MeshIdentity;
 use crate::proxy::client::{client_for, Transport};
 use crate::proxy::mesh::MeshUpstream;
 use crate::proxy::route::{ErrorHandler, Route, RouteTable};
+use crate::ratelimit::{RateLimiter, RedisStore, Scope};
 use crate::rules::limit::Limiter;
 use crate::rules::path::Rewrite;
 use crate::tls::UpstreamTls;
@@ -56,6 +57,11 @@ struct Inner {
     routes: BTreeMap<Arc<str>, (RouteConfig, Arc<Route>)>,
     probes: BTreeMap<Arc<str>, Probe>,
     limiters: BTreeMap<Arc<str>, Arc<Limiter>>,
+    /// Rate limiters by (named policy?, name): kept while their settings stay the same, so a
+    /// reload keeps buckets and routes naming one policy share one limiter.
+    rate_limiters: BTreeMap<(bool, Arc<str>), Arc<RateLimiter>>,
+    /// The `[redis]` store, kept while its settings stay the same.
+    redis: Option<Arc<RedisStore>>,
     watching: Option<(Vec<WatchedService>, CancellationToken)>,
     /// The gateway's Connect identity and its watch, once a route needs the mesh.
     mesh: Option<Mesh>,
@@ -120,6 +126,8 @@ impl Registry {
                 routes: BTreeMap::new(),
                 probes: BTreeMap::new(),
                 limiters: BTreeMap::new(),
+                rate_limiters: BTreeMap::new(),
+                redis: None,
                 watching: None,
                 catalog_watch: None,
                 mesh: None,
@@ -251,6 +259,9 @@ impl Registry {
             let proxy = &self.control.proxy;
             proxy.cors.store(inner.config.cors.clone());
             proxy.path_rules.store(inner.config.server.path_rules());
+            proxy
+                .trusted_proxies
+                .store(Arc::new(inner.config.server.trusted_proxies.clone()));
             // Certificates were read again by validation: renewed files apply to new handshakes.
             self.control
                 .tls
@@ -453,6 +464,35 @@ impl Registry {
         }
         inner.limiters = limiters;
 
+        // The Redis store and rate limiters: kept while their settings stay the same.
+        let redis = match (&inner.redis, &inner.config.redis) {
+            (Some(old), Some(s)) if old.settings() == s => Some(old.clone()),
+            (_, Some(s)) => Some(Arc::new(RedisStore::new(s.clone()))),
+            (_, None) => None,
+        };
+        let mut rate_limiters = BTreeMap::new();
+        for r in &all {
+            if let Some(s) = &r.rate_limit {
+                let id = (s.shared, s.name.clone());
+                if rate_limiters.contains_key(&id) {
+                    continue;
+                }
+                let store = s.scope == Scope::Global;
+                let l = match inner.rate_limiters.get(&id) {
+                    Some(l)
+                        if l.settings() == s
+                            && (!store || same_store(l.store(), redis.as_ref())) =>
+                    {
+                        l.clone()
+                    }
+                    _ => Arc::new(RateLimiter::new(s.clone(), redis.clone().filter(|_| store))),
+                };
+                rate_limiters.insert(id, l);
+            }
+        }
+        inner.rate_limiters = rate_limiters;
+        inner.redis = redis;
+
         // A service that comes back later starts unanswered again.
         inner.answered.retain(|name, _| {
             wanted
@@ -473,8 +513,18 @@ impl Registry {
             }
             let pool = inner.pools[r.service_name()].clone();
             let limiter = inner.limiters.get(r.service_name()).cloned();
+            let rate_limiter = r.rate_limit.as_ref().and_then(|s| {
+                inner
+                    .rate_limiters
+                    .get(&(s.shared, s.name.clone()))
+                    .cloned()
+            });
             let live = match inner.routes.get(&r.name) {
-                Some((old_cfg, old)) if old_cfg == r && Arc::ptr_eq(&old.pool, &pool) => {
+                Some((old_cfg, old))
+                    if old_cfg == r
+                        && Arc::ptr_eq(&old.pool, &pool)
+                        && same_limiter(old.rate_limiter(), rate_limiter.as_ref()) =>
+                {
                     old.clone()
                 }
                 _ => {
@@ -482,8 +532,13 @@ impl Registry {
                         .get(r.service_name())
                         .and_then(|w| w.1.as_ref())
                         .is_some_and(|f| f.h2c);
-                    let mut route =
-                        Route::new(r, pool, self.handlers.get(&*r.name).cloned(), limiter);
+                    let mut route = Route::new(
+                        r,
+                        pool,
+                        self.handlers.get(&*r.name).cloned(),
+                        limiter,
+                        rate_limiter,
+                    );
                     match (&inner.mesh, r.connect) {
                         (Some(mesh), true) => {
                             route.mesh = Some(MeshUpstream::new(
@@ -883,4 +938,22 @@ fn tag_route(t: &TagRoute) -> Result<RouteConfig, String> {
             )));
     }
     Ok(r)
+}
+
+/// Both the same store (or both none).
+fn same_store(a: Option<&Arc<RedisStore>>, b: Option<&Arc<RedisStore>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Both the same rate limiter (or both none).
+fn same_limiter(a: Option<&Arc<RateLimiter>>, b: Option<&Arc<RateLimiter>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
 }

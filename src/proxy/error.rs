@@ -67,6 +67,22 @@ impl UpstreamError {
     }
 }
 
+/// What a 429 from the rate limit carries (boxed: refusals are rare next to the `Result`s
+/// every request passes).
+#[derive(Debug)]
+pub struct RateLimitRefusal {
+    /// The limit (route or named policy).
+    pub name: Arc<str>,
+    /// Who decided (local buckets, Redis, or `on_store_error`).
+    pub via: &'static str,
+    /// Until the bucket admits a request again.
+    pub retry_after: Duration,
+    /// `RateLimit-Policy`.
+    pub policy: http::HeaderValue,
+    /// `RateLimit`.
+    pub state: http::HeaderValue,
+}
+
 /// A request-path failure. Mapped to a status exactly once, in [`ProxyError::status`].
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -187,6 +203,15 @@ pub enum ProxyError {
         /// The gateway's identity name.
         identity: String,
     },
+    /// The request's rate-limit bucket is empty; the client's fault.
+    #[error("rate limit {} exceeded ({})", .0.name, .0.via)]
+    RateLimited(Box<RateLimitRefusal>),
+    /// The request lacks a part of its rate-limit key and the limit is `required`.
+    #[error("the request lacks the key of rate limit {name}")]
+    RateLimitKeyMissing {
+        /// The limit.
+        name: Arc<str>,
+    },
 }
 
 impl From<RequestBodyError> for ProxyError {
@@ -250,6 +275,8 @@ impl ProxyError {
             Self::MeshDenied { l7: true, .. } => StatusCode::FORBIDDEN,
             Self::MeshDenied { l7: false, .. } => StatusCode::BAD_GATEWAY,
             Self::MeshCertExpired { .. } => StatusCode::BAD_GATEWAY,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimitKeyMissing { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -263,7 +290,9 @@ impl ProxyError {
             | Self::ClientTimeout { .. }
             | Self::InvalidRequest { .. }
             | Self::InvalidHead { .. }
-            | Self::InvalidPath { .. } => true,
+            | Self::InvalidPath { .. }
+            | Self::RateLimited(_)
+            | Self::RateLimitKeyMissing { .. } => true,
             Self::NoEndpoint { .. }
             | Self::Overloaded { .. }
             | Self::Connect { .. }
@@ -311,6 +340,13 @@ impl ProxyError {
             Self::MeshCertExpired { identity } => format!(
                 "the gateway's mesh certificate ({identity}) expired and Consul has not renewed it"
             ),
+            Self::RateLimited(r) => format!(
+                "rate limit exceeded; retry in {} s",
+                crate::ratelimit::ceil_secs(r.retry_after).max(1)
+            ),
+            Self::RateLimitKeyMissing { .. } => {
+                "the request lacks what this route's rate limit is keyed on".into()
+            }
         }
     }
 }

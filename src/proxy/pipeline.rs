@@ -28,8 +28,10 @@ pub struct Exchange<'a> {
     /// The path and query to send upstream, when a stage rewrote it; `None` sends `path` and
     /// the client's query.
     pub upstream_path: Option<PathAndQuery>,
-    /// Client address.
+    /// Client address: the peer, or behind `server.trusted_proxies` the address it forwarded.
     pub client: IpAddr,
+    /// The socket's peer (the last hop), appended to `X-Forwarded-For`.
+    pub peer: IpAddr,
     /// The request's one validated host (`rules::head::validate`); `None` for HTTP/1.0
     /// without `Host`.
     pub host: Option<HeaderValue>,
@@ -49,6 +51,12 @@ pub struct Exchange<'a> {
     pub span: &'a tracing::Span,
     /// Facts for the access log line, when the access log is on.
     pub log: Option<&'a mut RequestLog>,
+    /// The name of the API key the authentication stage accepted.
+    pub api_key: Option<std::sync::Arc<str>>,
+    /// The claims of the JWT the authentication stage verified.
+    pub jwt_claims: Option<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// The rate limit's decision on an admitted request, for its response headers.
+    pub rate_limit: Option<crate::ratelimit::Decision>,
 }
 
 /// What a stage decided, or will decide once its future resolves.

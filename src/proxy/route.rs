@@ -10,9 +10,11 @@ use http::Response;
 
 use super::error::ProxyError;
 use super::pipeline::{Pipeline, Stage};
+use super::ratelimit::RateLimit;
 use super::settings::{ErrorPage, RouteConfig};
 use super::stages::{BodyLimit, Concurrency, ForwardingHeaders, HeaderRules, RewritePath};
 use crate::balancer::{Picker, ServicePool};
+use crate::ratelimit::RateLimiter;
 use crate::rules::limit::Limiter;
 use crate::rules::path::{strip_segment_prefix, Rewrite};
 
@@ -64,6 +66,7 @@ pub struct Route {
     pub metrics: crate::metrics::RouteMetrics,
     /// The route's response store, when `cache` is on (shared with its stage; purged by admin).
     pub cache: Option<Arc<crate::cache::Cache>>,
+    rate_limiter: Option<Arc<RateLimiter>>,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -84,9 +87,17 @@ impl Route {
         pool: Arc<ServicePool>,
         error_handler: Option<ErrorHandler>,
         limiter: Option<Arc<Limiter>>,
+        rate_limiter: Option<Arc<RateLimiter>>,
     ) -> Self {
         let pool_name = pool.name().clone();
+        let metrics = crate::metrics::RouteMetrics::default();
         let cache = cfg.cache.clone().map(crate::cache::Cache::new);
+        let stages = Stages {
+            limiter,
+            rate_limiter: rate_limiter.clone(),
+            rate_limit_metrics: metrics.rate_limit.clone(),
+            cache: cache.clone(),
+        };
         Self {
             name: cfg.name.clone(),
             path: cfg.path.clone(),
@@ -94,10 +105,11 @@ impl Route {
             picker: Picker::new(cfg.policy).with_panic_threshold(cfg.panic_threshold),
             retry: cfg.retry.clone(),
             budget: Default::default(),
-            pipeline: pipeline(cfg, pool_name, limiter, cache.as_ref()),
+            pipeline: pipeline(cfg, pool_name, stages),
             cache,
             stream_timeout: cfg.stream_timeout,
-            metrics: Default::default(),
+            metrics,
+            rate_limiter,
             client: None,
             upgrade_client: None,
             mesh: None,
@@ -122,6 +134,11 @@ impl Route {
         }
     }
 
+    /// The route's rate limiter (shared with the routes of its named policy).
+    pub fn rate_limiter(&self) -> Option<&Arc<RateLimiter>> {
+        self.rate_limiter.as_ref()
+    }
+
     /// Requests routed here.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -133,24 +150,32 @@ impl Route {
     }
 }
 
+/// The shared live objects a route's stages use, made by the registry.
+struct Stages {
+    limiter: Option<Arc<Limiter>>,
+    rate_limiter: Option<Arc<RateLimiter>>,
+    rate_limit_metrics: Arc<crate::metrics::RateLimitMetrics>,
+    cache: Option<Arc<crate::cache::Cache>>,
+}
+
 /// A route's stages from its settings, in the documented order; stages with nothing to do are
 /// left out, so a plain route runs only the forwarding headers.
-fn pipeline(
-    cfg: &RouteConfig,
-    service: Arc<str>,
-    limiter: Option<Arc<Limiter>>,
-    cache: Option<&Arc<crate::cache::Cache>>,
-) -> Pipeline {
+fn pipeline(cfg: &RouteConfig, service: Arc<str>, live: Stages) -> Pipeline {
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
-    if let Some(cache) = cache {
-        stages.push(Box::new(super::cache::CacheStage {
-            cache: cache.clone(),
+    if let Some(limiter) = live.rate_limiter {
+        stages.push(Box::new(RateLimit {
+            limiter,
+            route: cfg.name.clone(),
+            metrics: live.rate_limit_metrics,
         }));
+    }
+    if let Some(cache) = live.cache {
+        stages.push(Box::new(super::cache::CacheStage { cache }));
     }
     if let Some(limit) = cfg.max_body {
         stages.push(Box::new(BodyLimit { limit }));
     }
-    if let Some(limiter) = limiter {
+    if let Some(limiter) = live.limiter {
         stages.push(Box::new(Concurrency { limiter, service }));
     }
     stages.push(Box::new(ForwardingHeaders {

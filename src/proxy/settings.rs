@@ -100,6 +100,8 @@ pub struct RouteConfig {
     pub panic_threshold: Option<f64>,
     /// Settings of the route's service.
     pub service_settings: ServiceSettings,
+    /// `rate_limit`, inline or from a named policy.
+    pub rate_limit: Option<crate::ratelimit::RateLimitSettings>,
     /// Response caching.
     pub cache: Option<crate::cache::CacheSettings>,
 }
@@ -127,6 +129,7 @@ impl RouteConfig {
             stream_timeout: None,
             panic_threshold: None,
             service_settings: ServiceSettings::default(),
+            rate_limit: None,
             cache: None,
         }
     }

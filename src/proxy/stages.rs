@@ -94,7 +94,9 @@ impl Stage for ForwardingHeaders {
         } else {
             "1.1 meshgate"
         };
-        headers::add_forwarding(h, ex.client, ex.proto, host.as_ref(), via);
+        // The peer is the hop this gateway saw; the client is already in the chain when a
+        // trusted proxy forwarded it (`server.trusted_proxies`), or is the peer.
+        headers::add_forwarding(h, ex.peer, ex.proto, host.as_ref(), via);
         h.insert(headers::X_REQUEST_ID.clone(), ex.request_id.clone());
         if self.preserve_host {
             if let Some(host) = host {

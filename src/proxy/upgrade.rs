@@ -124,8 +124,15 @@ fn close_1001_to_upstream() -> [u8; 8] {
     [0x88, 0x82, m[0], m[1], m[2], m[3], 0x03 ^ m[0], 0xE9 ^ m[1]]
 }
 
+/// Size of the copy buffer a direction holds while bytes are flowing.
+const COPY_BUF: usize = 8192;
+
 /// Relays one direction until end of stream (propagating the half-close), or until `stop`,
 /// when it waits for a frame boundary, adds `close`, and shuts the writer down.
+///
+/// The copy buffer exists only while bytes flow: a silent direction waits on a one-byte read
+/// and frees the buffer, so an idle WebSocket holds no copy buffers at all (most proxied
+/// WebSockets are idle most of the time). A busy direction keeps its buffer.
 async fn pump<R, W>(
     mut r: R,
     mut w: W,
@@ -138,7 +145,7 @@ where
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cursor = FrameCursor::default();
-    let mut buf = vec![0u8; 8192];
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let stopping = stop.is_cancelled() && cursor.at_boundary();
         if stopping {
@@ -148,13 +155,30 @@ where
             w.flush().await?;
             return w.shutdown().await;
         }
-        let n = tokio::select! {
-            r = r.read(&mut buf) => r?,
-            _ = stop.cancelled(), if !stop.is_cancelled() => continue,
+        let n = if buf.is_empty() {
+            let mut first = [0u8; 1];
+            let n = tokio::select! {
+                r = r.read(&mut first) => r?,
+                _ = stop.cancelled(), if !stop.is_cancelled() => continue,
+            };
+            if n == 0 {
+                return w.shutdown().await;
+            }
+            buf = vec![0u8; COPY_BUF];
+            buf[0] = first[0];
+            // Whatever else already arrived goes out with the first byte.
+            1 + read_now(&mut r, &mut buf[1..]).await?.unwrap_or(0)
+        } else {
+            match read_now(&mut r, &mut buf).await? {
+                Some(0) => return w.shutdown().await,
+                Some(n) => n,
+                None => {
+                    // Nothing pending: free the buffer and wait on the one-byte read.
+                    buf = Vec::new();
+                    continue;
+                }
+            }
         };
-        if n == 0 {
-            return w.shutdown().await;
-        }
         w.write_all(&buf[..n]).await?;
         if close.is_some() {
             cursor.advance(&buf[..n]);
@@ -162,9 +186,25 @@ where
     }
 }
 
+/// One read attempt that does not wait: `Some(n)` (0 at end of stream) when bytes or the end
+/// were there, `None` when the reader would block.
+async fn read_now<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<Option<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Ready(Ok(None)),
+        }
+    })
+    .await
+}
+
 /// Splices the client's and the upstream's upgraded connections in a tracked task. For a
 /// WebSocket, shutdown ends both sides with a 1001 close frame at a frame boundary.
-/// Splices the client's and the upstream's upgraded connections in a tracked task.
 pub fn splice(
     upgrades: &Upgrades,
     client: OnUpgrade,
@@ -243,6 +283,38 @@ pub fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn pump_relays_across_idle_gaps_bursts_and_the_half_close() {
+        let (mut client, a) = tokio::io::duplex(4096);
+        let (b, mut server) = tokio::io::duplex(4096);
+        let (a_r, _a_w) = tokio::io::split(a);
+        let (_b_r, b_w) = tokio::io::split(b);
+        let relay = tokio::spawn(pump(a_r, b_w, CancellationToken::new(), None));
+        // Single bytes with the direction idle (buffer freed) between them.
+        for byte in [b'a', b'b', b'c'] {
+            client.write_all(&[byte]).await.unwrap();
+            let mut got = [0u8; 1];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got[0], byte);
+        }
+        // A burst far larger than the copy buffer and the pipe, read while it is written.
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client
+        });
+        let mut got = vec![0u8; big.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(got == big, "the burst arrived changed");
+        // End of stream on one side is a half-close on the other.
+        drop(writer.await.unwrap());
+        let mut rest = Vec::new();
+        assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
+        relay.await.unwrap().unwrap();
+    }
 
     #[test]
     fn frame_cursor_tracks_boundaries_across_reads() {

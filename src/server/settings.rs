@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub h2_max_concurrent_streams: u32,
     /// Bind the listeners with `SO_REUSEPORT`.
     pub reuse_port: bool,
+    /// Proxies whose `X-Forwarded-For` is believed (`server.trusted_proxies`).
+    pub trusted_proxies: crate::ratelimit::TrustedProxies,
 }
 
 impl ServerConfig {

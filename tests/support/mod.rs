@@ -5,6 +5,7 @@ pub mod consul;
 pub mod gateway;
 pub mod h2;
 pub mod raw;
+pub mod redis;
 pub mod sidecar;
 pub mod upstream;
 pub mod util;

@@ -144,6 +144,7 @@ struct Inner {
     base: Url,
     datacenter: Option<String>,
     tags: Vec<String>,
+    filter: Option<String>,
     wait: Duration,
     stale: bool,
     warning: WarningMode,
@@ -192,6 +193,7 @@ impl ConsulClient {
                 base: settings.address.clone(),
                 datacenter: settings.datacenter.clone(),
                 tags: settings.tags.clone(),
+                filter: settings.filter.clone(),
                 wait: settings.wait,
                 stale: settings.stale,
                 warning: settings.warning,
@@ -380,6 +382,10 @@ impl ConsulClient {
                 for tag in &inner.tags {
                     query.append_pair("tag", tag);
                 }
+                // A query parameter: in a body Consul silently ignores it (CONNECT.md §10.2).
+                if let Some(filter) = &inner.filter {
+                    query.append_pair("filter", filter);
+                }
             }
             if inner.stale {
                 query.append_key_only("stale");
@@ -551,6 +557,13 @@ pub(super) fn classify_status(
     }
     if status == StatusCode::TOO_MANY_REQUESTS {
         return ConsulError::RateLimited { retry_after };
+    }
+    // A bad `?filter=` is a 500 raised in the server's RPC (CONNECT.md §10.2); its text is the
+    // only way to tell it from a transient server error.
+    if status == StatusCode::INTERNAL_SERVER_ERROR
+        && body.contains("Failed to create boolean expression evaluator")
+    {
+        return ConsulError::BadFilter { message: body };
     }
     ConsulError::Status { status, body }
 }

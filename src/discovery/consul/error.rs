@@ -6,9 +6,9 @@ use std::time::Duration;
 
 /// Everything that can go wrong between meshgate and Consul.
 ///
-/// Request errors (`Transport` .. `BodyTooLarge`) are retried by the watch loops; build
-/// errors (`File` .. `Build`) come from [`ConsulClient::new`](super::ConsulClient::new) and
-/// mean the configuration must change.
+/// Request errors (`Transport` .. `BodyTooLarge`) are retried by the watch loops, except
+/// `BadFilter`; it and the build errors (`File` .. `Build`, from
+/// [`ConsulClient::new`](super::ConsulClient::new)) mean the configuration must change.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
     /// Connecting, sending or reading failed (refused, reset, DNS, TLS handshake, ...).
@@ -35,6 +35,13 @@ pub enum ConsulError {
         status: http::StatusCode,
         /// Plain-text body.
         body: String,
+    },
+    /// 500 `Failed to create boolean expression evaluator: ...`: Consul refused
+    /// `discovery.consul.filter`. Asking again gives the same answer, so it is not retried.
+    #[error("Consul refused discovery.consul.filter: {message}")]
+    BadFilter {
+        /// Consul's plain-text message (position and parser error).
+        message: String,
     },
     /// 403 `ACL not found`: the token does not exist (typo, expired, wrong datacenter).
     #[error("Consul rejected the ACL token: ACL not found")]
@@ -129,11 +136,12 @@ impl ConsulError {
         }
     }
 
-    /// True when the error came from building the client (files, TLS), i.e. the
-    /// configuration must change; false for per-request errors, which the loops retry.
+    /// True when the configuration must change: building the client failed (files, TLS) or
+    /// Consul refused the filter; false for per-request errors, which the loops retry.
     pub fn is_config(&self) -> bool {
         match self {
-            Self::File { .. }
+            Self::BadFilter { .. }
+            | Self::File { .. }
             | Self::InvalidFile { .. }
             | Self::InvalidToken { .. }
             | Self::Tls { .. }

@@ -430,6 +430,15 @@ async fn refresh(
                 w.nodes = answer.entries.iter().map(|e| e.node.node.clone()).collect();
                 w.publisher.apply(&answer);
             }
+            // The same question gets the same refusal: wait for a reload, not a retry.
+            Err(error) if error.is_config() => {
+                w.publisher.sync().record_error(&error);
+                tracing::error!(
+                    service = %w.publisher.service(),
+                    error = %Chain(&error),
+                    "Consul refused the service read as configured; fix the configuration and reload"
+                );
+            }
             Err(error) => {
                 w.publisher.sync().record_error(&error);
                 tracing::warn!(

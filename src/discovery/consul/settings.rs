@@ -13,6 +13,8 @@ use crate::limits;
 
 /// The Consul HTTP API address used when neither the file nor `CONSUL_HTTP_ADDR` sets one.
 pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:8500";
+/// Longest `filter` accepted: it travels in every query string.
+const MAX_FILTER: usize = 4096;
 
 /// `[discovery.consul]` as written in the config file (serde model only).
 ///
@@ -46,6 +48,11 @@ pub struct RawConsul {
     /// Instances must carry **all** of these tags (case-insensitive). Sent as repeated
     /// `?tag=` and enforced again client-side. Default: `[]` (no filter).
     pub tags: Vec<String>,
+    /// A Consul filter expression (go-bexpr, e.g. `Service.Meta.version == "v2"`) sent as
+    /// `?filter=` with every service read, on the health endpoint's selectors. Consul refusing
+    /// it is a configuration error: reported, not retried. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
     /// How long one blocking query may hang on the server (1ms to 600s). Default: `"60s"`.
     #[serde(with = "humantime_serde")]
     pub wait: Duration,
@@ -136,6 +143,7 @@ impl Default for RawConsul {
             token_file: None,
             datacenter: None,
             tags: Vec::new(),
+            filter: None,
             // consul-template's choice: short enough to notice dead connections within a
             // minute, long enough to cost almost nothing when idle.
             wait: Duration::from_secs(60),
@@ -163,6 +171,7 @@ impl fmt::Debug for RawConsul {
             .field("token_file", &self.token_file)
             .field("datacenter", &self.datacenter)
             .field("tags", &self.tags)
+            .field("filter", &self.filter)
             .field("wait", &self.wait)
             .field("stale", &self.stale)
             .field("warning", &self.warning)
@@ -247,6 +256,8 @@ pub struct ConsulSettings {
     pub datacenter: Option<String>,
     /// Required tags (AND, case-insensitive), in config order.
     pub tags: Vec<String>,
+    /// `?filter=` on every service read, trimmed; `None` when unset.
+    pub filter: Option<String>,
     /// Blocking-query wait, in `1ms..=600s`.
     pub wait: Duration,
     /// Send `?stale`.
@@ -379,6 +390,27 @@ impl RawConsul {
                 err(&format!("tags[{i}]"), "tag must not be empty".to_owned());
             }
         }
+        let filter = match self.filter.as_deref().map(str::trim) {
+            Some("") => {
+                err(
+                    "filter",
+                    "must not be empty; omit it to read every instance".to_owned(),
+                );
+                None
+            }
+            Some(f) if f.len() > MAX_FILTER => {
+                err("filter", format!("longer than {MAX_FILTER} bytes"));
+                None
+            }
+            Some(f) if f.chars().any(char::is_control) => {
+                err(
+                    "filter",
+                    "must be one line without control characters".to_owned(),
+                );
+                None
+            }
+            other => other.map(str::to_owned),
+        };
 
         // === durations, modes, limits ===
         let shown = |d: Duration| humantime::format_duration(d).to_string();
@@ -520,6 +552,7 @@ impl RawConsul {
                 token,
                 datacenter,
                 tags: self.tags.clone(),
+                filter,
                 wait: self.wait,
                 stale: self.stale,
                 warning,

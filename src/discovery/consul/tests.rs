@@ -828,6 +828,57 @@ fn error_statuses_are_classified() {
         "Consul answered 500 Internal Server Error: No cluster leader"
     );
     assert!(!e.is_acl() && !e.is_config() && e.retry_after().is_none());
+
+    // CONNECT.md §10.2: a bad filter is a 500 whose text names the evaluator (possibly
+    // prefixed by the RPC layer); it is a configuration error, not a transient one.
+    let text = "rpc error making call: Failed to create boolean expression evaluator: 1:17 (16): rule \"number\": Invalid number literal";
+    let e = classify_status(StatusCode::INTERNAL_SERVER_ERROR, text.into(), None);
+    assert!(
+        matches!(&e, ConsulError::BadFilter { message } if message == text),
+        "{e:?}"
+    );
+    assert!(e.is_config() && !e.is_acl());
+    assert_eq!(
+        e.to_string(),
+        format!("Consul refused discovery.consul.filter: {text}")
+    );
+}
+
+#[tokio::test]
+async fn filter_is_a_query_parameter_of_service_reads_only() {
+    let client = test_client(RawConsul {
+        address: Some("http://127.0.0.1:8500".into()),
+        filter: Some(" Service.Meta.version == \"v2\" ".into()),
+        ..RawConsul::default()
+    });
+    let read = client.url(&["health", "service", "web"], Some(7), true);
+    let pairs: Vec<(String, String)> = read.query_pairs().into_owned().collect();
+    assert!(
+        pairs.contains(&("filter".into(), "Service.Meta.version == \"v2\"".into())),
+        "{read}"
+    );
+    let catalog = client.url(&["catalog", "services"], None, false);
+    assert_eq!(catalog.query(), None, "{catalog}");
+}
+
+#[test]
+fn filter_must_be_one_non_empty_line() {
+    for (bad, msg) in [
+        ("  ", "must not be empty"),
+        ("a ==\n\"b\"", "one line"),
+        (&"x".repeat(5000)[..], "longer than 4096"),
+    ] {
+        let errs = RawConsul {
+            filter: Some(bad.into()),
+            ..RawConsul::default()
+        }
+        .resolve(&no_env)
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|(k, m)| k == "filter" && m.contains(msg)),
+            "{bad:?}: {errs:?}"
+        );
+    }
 }
 
 #[test]

@@ -215,6 +215,18 @@ pub(super) async fn blocking_loop<A, F, Fut>(
         };
         let answer = match result {
             Ok(answer) => answer,
+            Err(error) if error.is_config() => {
+                // Asking again gets the same refusal (a bad filter): report it and stop
+                // until a reload with a fixed configuration replaces this watch.
+                recorder.on_error(&error);
+                tracing::error!(
+                    consul.watch = label,
+                    error = %Chain(&error),
+                    "Consul refused the query as configured; not retrying until the configuration is fixed and reloaded"
+                );
+                cancel.cancelled().await;
+                return;
+            }
             Err(error) => {
                 errors_in_row += 1;
                 // A restarted or restored server may never reach our old index again.
