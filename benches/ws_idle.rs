@@ -83,8 +83,8 @@ async fn main() {
     )
     .unwrap();
     // MESHGATE_BIN: measure a prebuilt (release) gateway without building this bench in release.
-    let bin = std::env::var_os("MESHGATE_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_meshgate").into());
+    let bin =
+        std::env::var_os("MESHGATE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_meshgate").into());
     let mut gw = Command::new(bin)
         .env_remove("MESHGATE_BIN")
         .args(["--config", cfg.to_str().unwrap()])
