@@ -696,3 +696,56 @@ async fn a_named_cache_policy_caches_every_route_that_names_it_in_its_own_store(
     assert_eq!(x_cache(&get(&client(), &gw, "/b/x").await), "HIT");
     assert_eq!(x_cache(&get(&client(), &gw, "/a/x").await), "MISS");
 }
+
+#[tokio::test]
+async fn must_revalidate_and_proxy_revalidate_answers_are_never_served_stale() {
+    for directive in ["must-revalidate", "proxy-revalidate"] {
+        // Stored already stale (`Age` past `max-age`), on a route that would serve stale on error.
+        let cc = format!("max-age=1, {directive}");
+        let up = upstream(
+            "/m",
+            "kept",
+            &[("cache-control", cc.as_str()), ("age", "30")],
+        )
+        .start()
+        .await;
+        let gw = gateway(&up, r#"stale_if_error = "1h""#, "").await;
+        let c = client();
+        assert_eq!(x_cache(&get(&c, &gw, "/m").await), "MISS", "{directive}");
+        up.shutdown().await;
+        let r = get(&c, &gw, "/m").await;
+        assert!(
+            r.status().is_server_error(),
+            "{directive}: a stale answer was served: {} {}",
+            r.status(),
+            x_cache(&r)
+        );
+        assert_ne!(x_cache(&r), "STALE", "{directive}");
+    }
+}
+
+#[tokio::test]
+async fn a_stale_answer_with_only_last_modified_is_revalidated_with_if_modified_since() {
+    let lm = "Wed, 21 Oct 2026 07:28:00 GMT";
+    let up = upstream(
+        "/lm",
+        "dated",
+        &[
+            ("cache-control", "max-age=60"),
+            ("age", "100"),
+            ("last-modified", lm),
+        ],
+    )
+    .start()
+    .await;
+    let gw = gateway(&up, "", "").await;
+    let c = client();
+    assert_eq!(x_cache(&get(&c, &gw, "/lm").await), "MISS");
+    let r = get(&c, &gw, "/lm").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "dated");
+    let seen = up.last_request().unwrap();
+    assert_eq!(seen.headers["if-modified-since"], lm);
+    assert!(!seen.headers.contains_key("if-none-match"));
+    assert_eq!(up.hits_on("/lm"), 2);
+}
