@@ -415,14 +415,7 @@ async fn dashboard_shows_each_routes_policies() {
     let up = TestUpstream::builder().name("pol-up").start().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.txt");
-    // The file holds the key's SHA-256, as `printf %s KEY | sha256sum` prints it.
-    let key_hash = {
-        let out = Command::new("sh")
-            .args(["-c", "printf %s k1 | sha256sum"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-    };
+    let key_hash = meshgate::auth::api_keys::sha256_hex("k1");
     std::fs::write(&keys, format!("team {key_hash}\n")).unwrap();
     let gw = start(&format!(
         r#"
