@@ -1,7 +1,9 @@
 //! Idle WebSocket benchmark (not a test): N WebSocket connections held open through the release
 //! gateway, reporting the gateway's memory per connection. The upstream echo server runs in a
 //! child process so that no process needs more than one descriptor per connection and side.
-//! `cargo bench --bench ws_idle` (default 9,500 connections; `-- N` to choose).
+//! `cargo bench --bench ws_idle` (default 9,500 connections; `-- N` to choose). With
+//! `MESHGATE_BIN=target/release/meshgate cargo bench --profile dev --bench ws_idle` it measures a
+//! gateway built elsewhere without building this client in release.
 //! Each proxied WebSocket costs the gateway two descriptors; with this machine's hard limit of
 //! 20,000 per process, about 9,900 is the most one gateway process can hold here.
 
@@ -80,7 +82,11 @@ async fn main() {
         ),
     )
     .unwrap();
-    let mut gw = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+    // MESHGATE_BIN: measure a prebuilt (release) gateway without building this bench in release.
+    let bin =
+        std::env::var_os("MESHGATE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_meshgate").into());
+    let mut gw = Command::new(bin)
+        .env_remove("MESHGATE_BIN")
         .args(["--config", cfg.to_str().unwrap()])
         .env("MESHGATE_WORKERS", "1")
         .spawn()

@@ -56,7 +56,11 @@ impl Admin {
 
 impl AdminService for Admin {
     fn respond(&self, req: &Request<ClientBody>) -> Response<ResponseBody> {
-        respond(self, req)
+        respond(self, req, None)
+    }
+
+    fn respond_with_body(&self, req: &Request<bytes::Bytes>) -> Response<ResponseBody> {
+        respond(self, req, Some(req.body()))
     }
 }
 
@@ -65,7 +69,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Answers an admin request (the admin listener's whole service).
-fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<ResponseBody> {
+fn respond<B>(admin: &Admin, req: &Request<B>, body: Option<&[u8]>) -> Response<ResponseBody> {
     let path = req.uri().path();
     let state = &*admin.control;
     match (req.method(), path) {
@@ -138,6 +142,7 @@ fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<ResponseBody> {
                 ),
             },
         },
+        (&Method::POST, "/cache/purge") => cache_purge(state, body.unwrap_or_default()),
         (&Method::GET, "/status") => {
             let text = req
                 .headers()
@@ -157,9 +162,52 @@ fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<ResponseBody> {
         }
         _ => json_response(
             StatusCode::NOT_FOUND,
-            &json!({"error": "Not Found", "message": "admin endpoints: /live /ready /health /status /metrics /config /explain?url=PATH /dashboard, POST /reload"}),
+            &json!({"error": "Not Found", "message": "admin endpoints: /live /ready /health /status /metrics /config /explain?url=PATH /dashboard, POST /reload, POST /cache/purge"}),
         ),
     }
+}
+
+// === /cache/purge ===
+
+/// `POST /cache/purge` with `{"route": NAME}`, `{"prefix": "/path"}` or `{"all": true}`:
+/// removes stored answers and says how many.
+fn cache_purge(state: &ControlState, body: &[u8]) -> Response<ResponseBody> {
+    let bad = |message: &str| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "Bad Request", "message": message}),
+        )
+    };
+    let usage =
+        "expected a JSON body: {\"route\": NAME}, {\"prefix\": \"/path\"} or {\"all\": true}";
+    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
+        return bad(usage);
+    };
+    let table = state.proxy.table.load();
+    let cached = table
+        .routes()
+        .iter()
+        .filter_map(|r| r.cache.as_ref().map(|c| (r, c)));
+    let purged: usize = match (req.get("route"), req.get("prefix"), req.get("all")) {
+        (Some(Value::String(name)), None, None) => {
+            if !table.routes().iter().any(|r| *r.name == **name) {
+                return json_response(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": "Not Found", "message": format!("no route named {name:?}")}),
+                );
+            }
+            cached
+                .filter(|(r, _)| *r.name == **name)
+                .map(|(_, c)| c.purge(None))
+                .sum()
+        }
+        (None, Some(Value::String(prefix)), None) if prefix.starts_with('/') => {
+            cached.map(|(_, c)| c.purge(Some(prefix))).sum()
+        }
+        (None, None, Some(Value::Bool(true))) => cached.map(|(_, c)| c.purge(None)).sum(),
+        _ => return bad(usage),
+    };
+    json_response(StatusCode::OK, &json!({"purged": purged}))
 }
 
 // === /config ===
@@ -387,12 +435,23 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
         .rate_limiter()
         .and_then(|l| l.peek_route(&route.name))
         .filter(|d| !d.allowed);
+    let cache = route
+        .cache
+        .as_deref()
+        .map(|c| explain_cache(c, &method, &uri, path));
+    let cache_hit = cache
+        .as_ref()
+        .and_then(|c| c["decision"].as_str())
+        .is_some_and(|d| d.starts_with("HIT"));
     let outcome = if let Some(d) = limited {
         format!(
             "the rate_limit stage answers: the route's bucket ({}) is empty, so the answer is 429 with Retry-After: {}",
             route.rate_limiter().map_or("", |l| &*l.settings().name),
             crate::ratelimit::ceil_secs(d.retry_after).max(1)
         )
+    } else if cache_hit {
+        "answered by the cache stage from a fresh stored answer (X-Cache: HIT); not forwarded"
+            .to_owned()
     } else if candidates.is_empty() {
         format!(
             "no endpoint of service {} can take it: the answer is 503",
@@ -424,6 +483,7 @@ fn explain(state: &ControlState, query: Option<&str>) -> Response<ResponseBody> 
                     "identity": m.identity().service,
                     "expects": m.expected_id(),
                 })),
+                "cache": cache,
             },
             "pool": {
                 "endpoints": snap.len(),
@@ -482,6 +542,71 @@ fn auth_json(route: &crate::proxy::Route, explain: bool) -> Value {
         }
     }
     out
+}
+
+/// A route's cache in `/status`: its settings and what it did.
+fn cache_json(c: &crate::cache::Cache) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = c.settings();
+    let n = &c.counters;
+    json!({
+        "max_size": s.max_size,
+        "max_object_size": s.max_object_size,
+        "default_ttl_ms": s.default_ttl.as_millis() as u64,
+        "stale_while_revalidate_ms": s.stale_while_revalidate.as_millis() as u64,
+        "stale_if_error_ms": s.stale_if_error.as_millis() as u64,
+        "entries": c.entries(),
+        "bytes": c.bytes(),
+        "hits": n.hits.load(Relaxed),
+        "misses": n.misses.load(Relaxed),
+        "stale": n.stale.load(Relaxed),
+        "bypass": n.bypass.load(Relaxed),
+        "stored": n.stored.load(Relaxed),
+        "revalidated": n.revalidated.load(Relaxed),
+        "invalidated": n.invalidated.load(Relaxed),
+    })
+}
+
+/// What the route's cache would do with the explained request (no request headers: `Vary`
+/// and `Authorization` are not considered).
+fn explain_cache(c: &crate::cache::Cache, method: &str, uri: &http::Uri, path: &str) -> Value {
+    let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+    let host = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let decision = if method != Method::GET && method != Method::HEAD {
+        if matches!(method, Method::OPTIONS | Method::TRACE | Method::CONNECT) {
+            "BYPASS: only GET and HEAD are answered from the cache".to_owned()
+        } else {
+            "BYPASS: an unsafe method; a successful answer removes this URL's stored answers"
+                .to_owned()
+        }
+    } else if host.is_none() && c.settings().key.contains(&crate::cache::KeyPart::Host) {
+        "unknown: the cache key includes the host; explain a full URL (http://host/path)".to_owned()
+    } else {
+        let key = c.key(
+            &method,
+            host.as_ref(),
+            path,
+            uri.query(),
+            &http::HeaderMap::new(),
+        );
+        let now = tokio::time::Instant::now();
+        match c.peek(&key) {
+            Some(e) if e.is_fresh(now) => format!(
+                "HIT: answered by the cache stage, a fresh answer is stored (age {}s of {}s)",
+                e.age(now).as_secs(),
+                e.fresh.lifetime.as_secs()
+            ),
+            Some(e) if e.serves_while_revalidating(now) => format!(
+                "STALE or revalidation: the stored answer is {}s past its lifetime; one request revalidates it upstream, others get it stale",
+                e.staleness(now).as_secs()
+            ),
+            Some(_) => "MISS: the stored answer is stale; the request is sent upstream (with its validators when it has them)".to_owned(),
+            None => "MISS: nothing stored for this URL; the request is sent upstream and its answer stored if the rules allow".to_owned(),
+        }
+    };
+    json!({ "settings": cache_json(c), "decision": decision })
 }
 
 fn rate(part: u64, total: u64) -> f64 {
@@ -597,6 +722,7 @@ pub fn status(state: &ControlState) -> Value {
                     v
                 }),
                 "auth": auth_json(r, false),
+                "cache": r.cache.as_deref().map(cache_json),
             })
         })
         .collect();

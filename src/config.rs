@@ -3,6 +3,7 @@
 //! Only this module knows figment; the rest of the crate sees `Config`.
 
 pub mod auth;
+pub mod cache;
 mod env;
 #[cfg(test)]
 mod limits_tests;

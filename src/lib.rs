@@ -7,7 +7,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | leaf | [`clock`], [`error`], [`tls`], [`limits`], [`metrics`], [`discovery`] (vocabulary), [`body`], [`conn`], [`rules`], [`mock`] |
-//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`], [`ratelimit`], [`auth`] |
+//! | domain | [`balancer`], [`health`], [`mesh`] (Connect identity), [`discovery::consul`], [`telemetry`], [`ratelimit`], [`auth`], [`cache`] (response store) |
 //! | data plane | [`proxy`]: route and table, stage pipeline, forwarding, pool, response body, upgrades |
 //! | serving | [`server`] (decides which admin paths the main listener answers) |
 //! | configuration | [`config`]: figment, raw, validated, from the lower layers' settings types |
@@ -37,6 +37,7 @@ pub mod auth;
 pub mod balancer;
 pub mod body;
 pub mod builder;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod conn;

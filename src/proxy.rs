@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod client;
 pub mod error;
 pub mod forward;
@@ -250,9 +251,19 @@ async fn route_request(
     };
     let result = match route.pipeline.request(&mut ex).await {
         Ok((Flow::Next, ran)) => {
-            forward::forward(&state.client, &state.http1, &route, &mut ex, body)
-                .await
-                .map(|resp| (resp, ran))
+            match forward::forward(&state.client, &state.http1, &route, &mut ex, body).await {
+                Ok(resp) => Ok((resp, ran)),
+                // A stage may answer instead (a stale cached copy); the failure is still logged.
+                Err(e) => match route.pipeline.recover(&ex, ran, &e) {
+                    Some(answer) => {
+                        let entered = span.enter();
+                        log_error(&e, &route);
+                        drop(entered);
+                        Ok(answer)
+                    }
+                    None => Err(e),
+                },
+            }
         }
         Ok((Flow::Answer(resp), ran)) => Ok((resp, ran)),
         Err(e) => Err(e),

@@ -30,6 +30,27 @@ pub use settings::{ServerConfig, TlsListener};
 pub trait AdminService: Send + Sync + 'static {
     /// Answers one admin request.
     fn respond(&self, req: &Request<ClientBody>) -> Response<ResponseBody>;
+
+    /// Answers an admin request whose body it needs (`POST /cache/purge`), read whole first.
+    fn respond_with_body(&self, req: &Request<bytes::Bytes>) -> Response<ResponseBody>;
+}
+
+/// Admin request bodies (small JSON documents) are read whole up to this size.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
+/// Reads an admin request's body, bounded in size and time.
+async fn admin_body(req: Request<ClientBody>) -> Result<Request<bytes::Bytes>, http::StatusCode> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let read = http_body_util::Limited::new(body, ADMIN_BODY_LIMIT).collect();
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(collected)) => Ok(Request::from_parts(parts, collected.to_bytes())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(http::StatusCode::PAYLOAD_TOO_LARGE)
+        }
+        Ok(Err(_)) => Err(http::StatusCode::BAD_REQUEST),
+        Err(_) => Err(http::StatusCode::REQUEST_TIMEOUT),
+    }
 }
 
 /// What the listeners serve: the request path, the admin service, and the TLS listener's
@@ -309,6 +330,15 @@ async fn dispatch(
     match role {
         Role::Main => proxy::handle(&serving.proxy, req, peer, "http", serving).await,
         Role::Tls => proxy::handle(&serving.proxy, req, peer, "https", serving).await,
+        Role::Admin if req.method() == Method::POST && req.uri().path() == "/cache/purge" => {
+            match admin_body(req).await {
+                Ok(req) => serving.admin.respond_with_body(&req),
+                Err(status) => proxy::json_response(
+                    status,
+                    &serde_json::json!({"error": status.canonical_reason(), "message": "the admin request body could not be read (64 KiB at most)"}),
+                ),
+            }
+        }
         Role::Admin => serving.admin.respond(&req),
     }
 }

@@ -41,6 +41,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "src/ratelimit/",
             "src/auth.rs",
             "src/auth/",
+            "src/cache.rs",
+            "src/cache/",
         ],
     ),
     ("data", &["src/proxy.rs", "src/proxy/"]),

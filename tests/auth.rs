@@ -695,13 +695,7 @@ async fn an_unreachable_jwks_is_a_503_and_nothing_is_forwarded() {
 
 // === API keys ===
 
-fn sha_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use meshgate::auth::api_keys::sha256_hex as sha_hex;
 
 fn keys_route(up: &TestUpstream, file: &Path) -> String {
     format!(

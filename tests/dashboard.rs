@@ -406,3 +406,55 @@ async fn dashboard_shows_the_mesh_identity() {
     let (section, _) = by_id(&dom, "mesh");
     assert!(section.contains("hidden"), "mesh section shown: {section}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_each_routes_policies() {
+    let Some(bin) = chromium_or_skip() else {
+        return;
+    };
+    let up = TestUpstream::builder().name("pol-up").start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    let key_hash = meshgate::auth::api_keys::sha256_hex("k1");
+    std::fs::write(&keys, format!("team {key_hash}\n")).unwrap();
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        name = "pol"
+        path = "/pol"
+        targets = ["{}"]
+        auth = {{ api_keys = {{ keys_file = "{}" }} }}
+        rate_limit = {{ rate = "3/m", burst = 3 }}
+        cache = {{ default_ttl = "1h" }}
+        "#,
+        up.url(),
+        keys.display()
+    ))
+    .await;
+    let c = client();
+    let send = |key: Option<&'static str>| {
+        let mut req = c.get(gw.url("/pol/x"));
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Refused by auth, then three admitted (a miss and two hits), then refused by the limit.
+    assert_eq!(send(None).await, 401);
+    for _ in 0..3 {
+        assert_eq!(send(Some("k1")).await, 200);
+    }
+    assert_eq!(send(Some("k1")).await, 429);
+    assert_eq!(up.hits(), 1, "one miss reached the upstream");
+
+    let dom = chromium(&bin, &gw.admin_url("/dashboard"), &["--dump-dom"]).await;
+    let r = row(&dom, "data-route=\"pol\"");
+    let auth = field(r, "auth");
+    assert!(
+        auth.starts_with("api_keys") && auth.ends_with("1 refused"),
+        "auth cell: {auth:?}"
+    );
+    let rl = field(r, "rate_limit");
+    assert!(rl.ends_with("1 limited of 4"), "rate limit cell: {rl:?}");
+    assert_eq!(field(r, "cache"), "66.7% of 3");
+}

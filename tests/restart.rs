@@ -88,6 +88,13 @@ async fn one_request(addr: SocketAddr, tally: &Tally) {
             tally.refused.fetch_add(1, Ordering::SeqCst);
             return;
         }
+        // The same residue as a reset after the request was sent (below): a handshake still
+        // in the old listener's queue when it closed is reset, and under load the client's
+        // connect() can see it before it returned.
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+            tally.cut.lock().unwrap().push(format!("connect: {e}"));
+            return;
+        }
         Err(e) => {
             tally.other.lock().unwrap().push(format!("connect: {e}"));
             return;

@@ -77,6 +77,16 @@ impl ApiKeys {
     }
 }
 
+/// The line a keys file holds for `key`: its SHA-256 in lower-case hex (what
+/// `printf %s KEY | sha256sum` prints), for tools and tests that write keys files.
+pub fn sha256_hex(key: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, key.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Parses `NAME SHA256-HEX` lines: blank lines and `#` comments (whole line or trailing) are
 /// skipped; names are unique, as are hashes.
 pub fn parse(text: &str) -> Result<Vec<Entry>, Vec<LineError>> {
@@ -141,13 +151,7 @@ mod tests {
 
     const ALICE_HASH: &str = "4c3b7d3f2d9a2f6ffcfd3e3bd1b8e0e7d9d7e3c2b1a0f9e8d7c6b5a4f3e2d1c0";
 
-    fn sha_hex(s: &str) -> String {
-        ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
+    use super::sha256_hex as sha_hex;
 
     #[test]
     fn parses_lines_comments_and_finds_by_hash() {

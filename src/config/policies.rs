@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 
 use super::auth::auth;
+use super::cache::cache;
 use super::env::Env;
 use super::problems::Problems;
 use super::ratelimit::rate_limit;
 use super::raw::{RawPolicy, RawRoute};
 use crate::auth::AuthSettings;
+use crate::cache::CacheSettings;
 use crate::ratelimit::RateLimitSettings;
 
 /// One validated named policy.
@@ -18,6 +20,8 @@ pub struct NamedPolicy {
     pub rate_limit: Option<RateLimitSettings>,
     /// Its authentication.
     pub auth: Option<AuthSettings>,
+    /// Its cache settings (each route naming it still has its own store).
+    pub cache: Option<CacheSettings>,
 }
 
 /// Every `[policies.NAME]`, checked. `redis`: whether `[redis]` is configured; `env`: where
@@ -43,7 +47,18 @@ pub(super) fn policies(
                 .auth
                 .as_ref()
                 .and_then(|a| auth(c, &format!("{at}.auth"), a, Some(env)));
-            (name.clone(), NamedPolicy { rate_limit, auth })
+            let cache = p
+                .cache
+                .as_ref()
+                .and_then(|raw| cache(c, &format!("{at}.cache"), raw));
+            (
+                name.clone(),
+                NamedPolicy {
+                    rate_limit,
+                    auth,
+                    cache,
+                },
+            )
         })
         .collect()
 }
@@ -123,15 +138,9 @@ pub(super) fn route_rate_limit(
         .rate_limit
         .as_ref()
         .map(|raw| rate_limit(c, &format!("{rp}.rate_limit"), raw, name, false, redis));
-    one_place(
-        c,
-        rp,
-        "rate_limit",
-        inline,
-        &r.policies,
-        named,
-        |p| p.rate_limit.as_ref(),
-    )
+    one_place(c, rp, "rate_limit", inline, &r.policies, named, |p| {
+        p.rate_limit.as_ref()
+    })
 }
 
 /// A route's authentication, inline or from a named policy.
@@ -146,13 +155,23 @@ pub(super) fn route_auth(
         .auth
         .as_ref()
         .map(|a| auth(c, &format!("{rp}.auth"), a, env));
-    one_place(
-        c,
-        rp,
-        "auth",
-        inline,
-        &r.policies,
-        named,
-        |p| p.auth.as_ref(),
-    )
+    one_place(c, rp, "auth", inline, &r.policies, named, |p| {
+        p.auth.as_ref()
+    })
+}
+
+/// A route's cache settings, inline or from a named policy.
+pub(super) fn route_cache(
+    c: &mut Problems,
+    rp: &str,
+    r: &RawRoute,
+    named: &BTreeMap<String, NamedPolicy>,
+) -> Option<CacheSettings> {
+    let inline = r
+        .cache
+        .as_ref()
+        .map(|raw| cache(c, &format!("{rp}.cache"), raw));
+    one_place(c, rp, "cache", inline, &r.policies, named, |p| {
+        p.cache.as_ref()
+    })
 }

@@ -465,6 +465,9 @@ pub struct RawRoute {
     pub policies: Vec<String>,
     /// Authentication (JWT, API keys or forward auth). Default: none.
     pub auth: Option<super::auth::raw::RawAuth>,
+    /// Response caching. Default off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<RawCache>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -618,6 +621,7 @@ impl Default for RawRoute {
             rate_limit: None,
             policies: Vec::new(),
             auth: None,
+            cache: None,
             unknown: Unknown::new(),
         }
     }
@@ -689,7 +693,50 @@ pub struct RawPolicy {
     pub rate_limit: Option<super::ratelimit::raw::RawRateLimit>,
     /// Authentication for every route naming this policy.
     pub auth: Option<super::auth::raw::RawAuth>,
+    /// Cache settings for every route naming this policy (each route keeps its own store).
+    pub cache: Option<RawCache>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
+}
+
+/// `cache = { ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RawCache {
+    /// Bytes the route's store may hold. Default `256MiB`.
+    pub max_size: RawSize,
+    /// Larger answers stream through uncached. Default `8MiB`.
+    pub max_object_size: RawSize,
+    /// Freshness for cacheable answers without their own. Default `0s` (not stored).
+    pub default_ttl: String,
+    /// Key parts: `method`, `host`, `path`, `query`, `header:NAME`.
+    pub key: Vec<String>,
+    /// Serve stale while one request revalidates. Default `0s`.
+    pub stale_while_revalidate: String,
+    /// Serve stale when the upstream fails. Default `0s`.
+    pub stale_if_error: String,
+    /// Store answers that set cookies. Default false.
+    pub cache_set_cookie: bool,
+    /// How long concurrent misses wait for the one request sent upstream. Default `5s`.
+    pub lock_timeout: String,
+    /// Keys the model does not know; each is reported by `validate`.
+    #[serde(flatten, skip_serializing)]
+    pub unknown: Unknown,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            max_size: RawSize::Text("256MiB".into()),
+            max_object_size: RawSize::Text("8MiB".into()),
+            default_ttl: "0s".into(),
+            key: ["method", "host", "path", "query"].map(String::from).into(),
+            stale_while_revalidate: "0s".into(),
+            stale_if_error: "0s".into(),
+            cache_set_cookie: false,
+            lock_timeout: "5s".into(),
+            unknown: Unknown::new(),
+        }
+    }
 }

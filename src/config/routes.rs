@@ -136,8 +136,10 @@ fn route(c: &mut Problems, set: &mut RouteSet<'_>, at: &At, r: &RawRoute) -> Opt
         set.services.redis,
     );
     let auth = super::policies::route_auth(c, rp, r, set.services.policies, set.services.env);
+    let cache = super::policies::route_cache(c, rp, r, set.services.policies);
     Some(RouteConfig {
         auth,
+        cache,
         connect,
         name,
         path,

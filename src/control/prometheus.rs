@@ -49,6 +49,75 @@ fn counter(
     Ok(())
 }
 
+/// `meshgate_cache_*{route}` for every route with a cache.
+fn cache_metrics(
+    enc: &mut DescriptorEncoder<'_>,
+    routes: &[std::sync::Arc<crate::proxy::Route>],
+) -> Result<(), std::fmt::Error> {
+    let mut requests = Vec::new();
+    let (mut stored, mut invalidated, mut revalidated) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bytes, mut entries) = (Vec::new(), Vec::new());
+    for r in routes {
+        let Some(c) = &r.cache else { continue };
+        let route = vec![("route", r.name.to_string())];
+        let n = &c.counters;
+        for (result, v) in [
+            ("hit", &n.hits),
+            ("miss", &n.misses),
+            ("stale", &n.stale),
+            ("bypass", &n.bypass),
+        ] {
+            let mut labels = route.clone();
+            labels.push(("result", result.to_owned()));
+            requests.push((labels, v.load(Ordering::Relaxed)));
+        }
+        stored.push((route.clone(), n.stored.load(Ordering::Relaxed)));
+        invalidated.push((route.clone(), n.invalidated.load(Ordering::Relaxed)));
+        revalidated.push((route.clone(), n.revalidated.load(Ordering::Relaxed)));
+        bytes.push((route.clone(), c.bytes() as f64));
+        entries.push((route, c.entries() as f64));
+    }
+    if requests.is_empty() {
+        return Ok(());
+    }
+    counter(
+        enc,
+        "meshgate_cache_requests",
+        "Requests on cached routes by result (hit, miss, stale, bypass), by route",
+        &requests,
+    )?;
+    counter(
+        enc,
+        "meshgate_cache_stored",
+        "Answers stored, by route",
+        &stored,
+    )?;
+    counter(
+        enc,
+        "meshgate_cache_invalidated",
+        "Stored answers removed by unsafe requests and purges, by route",
+        &invalidated,
+    )?;
+    counter(
+        enc,
+        "meshgate_cache_revalidated",
+        "Stale answers refreshed by a 304 from the upstream, by route",
+        &revalidated,
+    )?;
+    gauge(
+        enc,
+        "meshgate_cache_bytes",
+        "Bytes held by the route's cache",
+        &bytes,
+    )?;
+    gauge(
+        enc,
+        "meshgate_cache_entries",
+        "Answers held by the route's cache",
+        &entries,
+    )
+}
+
 fn gauge(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -407,6 +476,8 @@ impl Collector for GatewayCollector {
                 &[(vec![], rt.metrics().num_alive_tasks() as f64)],
             )?;
         }
+
+        cache_metrics(&mut enc, table.routes())?;
 
         let denials: Vec<_> = table
             .routes()

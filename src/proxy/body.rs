@@ -38,6 +38,17 @@ enum Kind {
         reuse: Option<super::pool::Reuse>,
     },
     Full(Option<Bytes>),
+    /// A body a stage wrapped (the cache's tee).
+    Wrapped(Wrapped),
+}
+
+/// A body wrapped by a stage.
+pub struct Wrapped(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>);
+
+impl std::fmt::Debug for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wrapped")
+    }
 }
 
 /// The response stream outlived the route's `stream_timeout`.
@@ -78,6 +89,17 @@ impl ResponseBody {
         let bytes = bytes.into();
         Self {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            tap: None,
+            conn: None,
+        }
+    }
+
+    /// A body that wraps another (a stage watching the bytes go by).
+    pub fn wrapped(
+        body: impl Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            kind: Kind::Wrapped(Wrapped(Box::pin(body))),
             tap: None,
             conn: None,
         }
@@ -150,6 +172,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Wrapped(w) => w.0.is_end_stream(),
         }
     }
 
@@ -157,6 +180,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Wrapped(w) => w.0.size_hint(),
         }
     }
 }
@@ -165,6 +189,7 @@ impl ResponseBody {
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Wrapped(w) => w.0.as_mut().poll_frame(cx),
             Kind::Upstream {
                 body,
                 hold,

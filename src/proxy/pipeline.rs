@@ -92,6 +92,12 @@ pub trait Stage: Send + Sync {
     /// Runs on the way out, in reverse order, on a response from the upstream or from a later
     /// stage (gateway error answers get the route's error page instead).
     fn on_response(&self, _ex: &Exchange<'_>, _resp: &mut Response<ResponseBody>) {}
+
+    /// Runs when forwarding failed with no upstream answer, last stage first: a stage may answer
+    /// instead of the gateway error (the cache serving a stale copy under `stale_if_error`).
+    fn on_error(&self, _ex: &Exchange<'_>, _e: &ProxyError) -> Option<Response<ResponseBody>> {
+        None
+    }
 }
 
 /// A route's stages in order.
@@ -133,6 +139,24 @@ impl Pipeline {
         for stage in self.stages[..ran].iter().rev() {
             stage.on_response(ex, resp);
         }
+    }
+}
+
+impl Pipeline {
+    /// Asks the first `ran` stages, last one first, for an answer instead of the gateway error
+    /// `e`; returns it with the index of the stage that gave it (the stages before it still run
+    /// their response phase).
+    pub fn recover(
+        &self,
+        ex: &Exchange<'_>,
+        ran: usize,
+        e: &ProxyError,
+    ) -> Option<(Response<ResponseBody>, usize)> {
+        self.stages[..ran]
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, stage)| stage.on_error(ex, e).map(|resp| (resp, i)))
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Route {
     pub websocket_idle_timeout: Option<Duration>,
     /// Request counts by method and status class, latency histograms, retries.
     pub metrics: crate::metrics::RouteMetrics,
+    /// The route's response store, when `cache` is on (shared with its stage; purged by admin).
+    pub cache: Option<Arc<crate::cache::Cache>>,
     rate_limiter: Option<Arc<RateLimiter>>,
     /// The route's `auth`, for `/status` and `/explain` (its stage holds its own copy).
     pub auth: Option<crate::auth::AuthSettings>,
@@ -91,11 +93,13 @@ impl Route {
     ) -> Self {
         let pool_name = pool.name().clone();
         let metrics = crate::metrics::RouteMetrics::default();
+        let cache = cfg.cache.clone().map(crate::cache::Cache::new);
         let stages = Stages {
             limiter,
             rate_limiter: rate_limiter.clone(),
             rate_limit_metrics: metrics.rate_limit.clone(),
             auth_counters: metrics.auth.clone(),
+            cache: cache.clone(),
         };
         Self {
             name: cfg.name.clone(),
@@ -105,6 +109,7 @@ impl Route {
             retry: cfg.retry.clone(),
             budget: Default::default(),
             pipeline: pipeline(cfg, pool_name, stages),
+            cache,
             stream_timeout: cfg.stream_timeout,
             metrics,
             rate_limiter,
@@ -155,6 +160,7 @@ struct Stages {
     rate_limiter: Option<Arc<RateLimiter>>,
     rate_limit_metrics: Arc<crate::metrics::RateLimitMetrics>,
     auth_counters: Arc<crate::metrics::AuthCounters>,
+    cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// A route's stages from its settings, in the documented order; stages with nothing to do are
@@ -174,6 +180,9 @@ fn pipeline(cfg: &RouteConfig, service: Arc<str>, live: Stages) -> Pipeline {
             route: cfg.name.clone(),
             metrics: live.rate_limit_metrics,
         }));
+    }
+    if let Some(cache) = live.cache {
+        stages.push(Box::new(super::cache::CacheStage { cache }));
     }
     if let Some(limit) = cfg.max_body {
         stages.push(Box::new(BodyLimit { limit }));

@@ -104,6 +104,8 @@ pub struct RouteConfig {
     pub rate_limit: Option<crate::ratelimit::RateLimitSettings>,
     /// `auth`: the route's authentication, the first of its policies.
     pub auth: Option<crate::auth::AuthSettings>,
+    /// Response caching.
+    pub cache: Option<crate::cache::CacheSettings>,
 }
 
 impl RouteConfig {
@@ -131,6 +133,7 @@ impl RouteConfig {
             service_settings: ServiceSettings::default(),
             rate_limit: None,
             auth: None,
+            cache: None,
         }
     }
 

@@ -65,6 +65,7 @@ struct Script {
     headers: Vec<(HeaderName, HeaderValue)>,
     delay: Option<Duration>,
     reset: bool,
+    etag: Option<HeaderValue>,
 }
 
 /// Configures a [`TestUpstream`]; every method takes and returns the builder.
@@ -234,6 +235,13 @@ impl TestUpstreamBuilder {
         self
     }
 
+    /// Answers on `path` carry `ETag: etag`; a request whose `If-None-Match` names it gets a
+    /// 304 carrying only the ETag and the path's `Cache-Control` headers (for cache tests).
+    pub fn etag(mut self, path: &str, etag: &str) -> Self {
+        self.script(path).etag = Some(HeaderValue::from_str(etag).expect("invalid etag"));
+        self
+    }
+
     /// Paths without a scripted response answer 200 with JSON of what arrived, shaped like
     /// the mock service's `/echo`: `service`, `port`, `method`, `path`, `query` (raw, or
     /// null), `headers` (lowercase name to all values), `body_size`, `version`.
@@ -397,6 +405,28 @@ async fn handle(
         tokio::time::sleep(delay).await;
     }
 
+    if let Some(etag) = script.and_then(|s| s.etag.as_ref()) {
+        let matched = seen
+            .headers
+            .get_all(http::header::IF_NONE_MATCH)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim() == etag))
+            });
+        if matched {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            resp.headers_mut().insert(http::header::ETAG, etag.clone());
+            let route_headers = script.map(|s| s.headers.as_slice()).unwrap_or_default();
+            for (name, value) in route_headers {
+                if name == http::header::CACHE_CONTROL {
+                    resp.headers_mut().append(name.clone(), value.clone());
+                }
+            }
+            return Ok(resp);
+        }
+    }
     let mut resp = match script.and_then(|s| s.response.clone()) {
         Some((status, body)) => {
             let mut resp = Response::new(Full::new(body));
@@ -414,6 +444,9 @@ async fn handle(
     let route_headers = script.map(|s| s.headers.as_slice()).unwrap_or_default();
     for (name, value) in state.all_headers.iter().chain(route_headers) {
         resp.headers_mut().append(name.clone(), value.clone());
+    }
+    if let Some(etag) = script.and_then(|s| s.etag.as_ref()) {
+        resp.headers_mut().insert(http::header::ETAG, etag.clone());
     }
     Ok(resp)
 }

@@ -18,13 +18,7 @@ fn settings(auth: &str, env: &Env) -> AuthSettings {
     c.routes[0].auth.clone().unwrap()
 }
 
-fn sha_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use crate::auth::api_keys::sha256_hex as sha_hex;
 
 #[test]
 fn exactly_one_method_and_one_key_source() {
