@@ -176,6 +176,8 @@ pub struct RateLimiter {
     /// Redis key prefix, `meshgate:rl:<name>:`.
     prefix: Vec<u8>,
     policy: HeaderValue,
+    /// `"name";r=`: the start of every `RateLimit` value, quoted once.
+    state_prefix: Vec<u8>,
     hasher: std::collections::hash_map::RandomState,
     last_store_log_ms: AtomicU64,
     /// Store errors since start.
@@ -210,6 +212,8 @@ impl RateLimiter {
             }
         };
         let policy = policy_header(&settings);
+        let mut state_prefix = quoted_name(&settings).into_bytes();
+        state_prefix.extend_from_slice(b";r=");
         let mut prefix = b"meshgate:rl:".to_vec();
         prefix.extend_from_slice(settings.name.as_bytes());
         prefix.push(b':');
@@ -218,6 +222,7 @@ impl RateLimiter {
             store,
             prefix,
             policy,
+            state_prefix,
             hasher: Default::default(),
             last_store_log_ms: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
@@ -389,27 +394,50 @@ impl RateLimiter {
     }
 }
 
+/// The limit's name as a structured-field string: `"name"`, keeping visible ASCII and spaces
+/// other than `"` and `\\`.
+fn quoted_name(s: &RateLimitSettings) -> String {
+    let mut out = String::with_capacity(s.name.len() + 2);
+    out.push('"');
+    out.extend(
+        s.name
+            .chars()
+            .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\' || *c == ' '),
+    );
+    out.push('"');
+    out
+}
+
 /// `"name";q=COUNT;w=SECONDS` (draft-ietf-httpapi-ratelimit-headers-10).
 fn policy_header(s: &RateLimitSettings) -> HeaderValue {
-    let name: String = s
-        .name
-        .chars()
-        .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\' || *c == ' ')
-        .collect();
-    let v = format!("\"{name}\";q={};w={}", s.rate.count, s.rate.per.as_secs());
+    let v = format!(
+        "{};q={};w={}",
+        quoted_name(s),
+        s.rate.count,
+        s.rate.per.as_secs()
+    );
     HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
 }
 
-/// `RateLimit: "name";r=REMAINING;t=SECONDS` for a decision.
-pub fn ratelimit_header(s: &RateLimitSettings, d: &Decision) -> HeaderValue {
-    let name: String = s
-        .name
-        .chars()
-        .filter(|c| c.is_ascii_graphic() && *c != '"' && *c != '\\' || *c == ' ')
-        .collect();
-    let t = ceil_secs(d.reset);
-    HeaderValue::from_str(&format!("\"{name}\";r={};t={t}", d.remaining))
-        .unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+impl RateLimiter {
+    /// `RateLimit: "name";r=REMAINING;t=SECONDS` for a decision: one allocation, since it is
+    /// on every admitted response (the name was quoted when the limiter was built).
+    pub fn state_header(&self, d: &Decision) -> HeaderValue {
+        let mut remaining = itoa::Buffer::new();
+        let mut reset = itoa::Buffer::new();
+        let (r, t) = (
+            remaining.format(d.remaining),
+            reset.format(ceil_secs(d.reset)),
+        );
+        let mut v = bytes::BytesMut::with_capacity(self.state_prefix.len() + r.len() + 3 + t.len());
+        v.extend_from_slice(&self.state_prefix);
+        v.extend_from_slice(r.as_bytes());
+        v.extend_from_slice(b";t=");
+        v.extend_from_slice(t.as_bytes());
+        // Always valid: the prefix is visible ASCII and the rest digits.
+        HeaderValue::from_maybe_shared(v.freeze())
+            .unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+    }
 }
 
 /// Whole seconds, rounded up (Retry-After and `t` are integers).
@@ -453,6 +481,41 @@ fn visit_key(parts: &[KeyPart], src: &KeySource<'_>, mut out: impl FnMut(&[u8]))
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_quote_the_name_once_and_carry_the_numbers() {
+        let limiter = RateLimiter::new(
+            RateLimitSettings {
+                name: "team \"a\"\\x\u{e9}".into(),
+                shared: false,
+                rate: Rate::parse("100/s").unwrap(),
+                burst: 50,
+                key: vec![KeyPart::Route],
+                required: false,
+                scope: Scope::Local,
+                on_store_error: OnStoreError::Local,
+                replicas: 1,
+                headers: true,
+                max_keys: 64,
+            },
+            None,
+        );
+        assert_eq!(limiter.policy_header(), "\"team ax\";q=100;w=1");
+        let d = Decision {
+            allowed: true,
+            remaining: 49,
+            reset: Duration::from_millis(10_001),
+            retry_after: Duration::ZERO,
+            via: Via::Local,
+        };
+        assert_eq!(limiter.state_header(&d), "\"team ax\";r=49;t=11");
+        let d = Decision {
+            remaining: 0,
+            reset: Duration::ZERO,
+            ..d
+        };
+        assert_eq!(limiter.state_header(&d), "\"team ax\";r=0;t=0");
+    }
 
     #[test]
     fn rates_parse() {

@@ -11,7 +11,7 @@ use super::body::ResponseBody;
 use super::error::{ProxyError, RateLimitRefusal};
 use super::pipeline::{Exchange, Flow, Stage, Step};
 use crate::metrics::RateLimitMetrics;
-use crate::ratelimit::{self, Decision, KeySource, RateLimiter, Scope, Via};
+use crate::ratelimit::{Decision, KeySource, RateLimiter, Scope, Via};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -47,7 +47,7 @@ impl RateLimit {
             via: d.via.as_str(),
             retry_after: d.retry_after,
             policy: self.limiter.policy_header().clone(),
-            state: ratelimit::ratelimit_header(settings, &d),
+            state: self.limiter.state_header(&d),
         })))
     }
 
@@ -98,10 +98,7 @@ impl Stage for RateLimit {
                 RATELIMIT_POLICY.clone(),
                 self.limiter.policy_header().clone(),
             );
-            h.insert(
-                RATELIMIT.clone(),
-                ratelimit::ratelimit_header(self.limiter.settings(), d),
-            );
+            h.insert(RATELIMIT.clone(), self.limiter.state_header(d));
         }
     }
 }
