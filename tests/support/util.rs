@@ -11,10 +11,19 @@ use tokio::time::Instant;
 
 use super::gateway::TestGateway;
 
-/// A port with nothing listening: bind, note the port, close.
+/// A port with nothing listening, reserved for the rest of the test process: a socket bound
+/// to it without `SO_REUSEADDR` and never listening. Connecting is refused at once, and no
+/// other test's listener can take the port (a port merely closed again could be reused by a
+/// parallel test, which then answers in its place).
 pub async fn dead_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+    use socket2::{Domain, Socket, Type};
+    static HELD: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+    port
 }
 
 /// `GET /status` on the admin listener, as JSON. Takes a client because building one is slow
