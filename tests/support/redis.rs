@@ -51,7 +51,7 @@ pub async fn start_with_password(test: &str, password: Option<&str>) -> Option<R
         );
         return None;
     };
-    let port = super::util::dead_port().await;
+    let port = super::util::free_port().await;
     let mut r = Redis {
         port,
         bin,

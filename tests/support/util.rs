@@ -11,6 +11,12 @@ use tokio::time::Instant;
 
 use super::gateway::TestGateway;
 
+/// A port free now, for a server the test starts itself on it (bind, note the port, close).
+pub async fn free_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// A port with nothing listening, reserved for the rest of the test process: a socket bound
 /// to it without `SO_REUSEADDR` and never listening. Connecting is refused at once, and no
 /// other test's listener can take the port (a port merely closed again could be reused by a
