@@ -428,11 +428,22 @@ async fn a_key_rotation_flood_stays_under_the_key_cap() {
 /// A gateway with a global limit on `/` keyed by route (`extra` adds its burst and more) and
 /// on `/u` keyed by `X-User`.
 async fn global_gateway(redis_url: &str, upstream: &str, extra: &str) -> TestGateway {
+    global_gateway_with(redis_url, upstream, extra, "").await
+}
+
+/// [`global_gateway`] with more `[redis]` keys.
+async fn global_gateway_with(
+    redis_url: &str,
+    upstream: &str,
+    extra: &str,
+    redis_extra: &str,
+) -> TestGateway {
     gateway::start(&format!(
         r#"
         [redis]
         url = "{redis_url}"
         timeout = "500ms"
+        {redis_extra}
         [[routes]]
         name = "g"
         path = "/"
@@ -784,4 +795,84 @@ async fn a_failed_rediss_handshake_is_a_store_error() {
             .load(Ordering::Relaxed),
         2
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_store_is_used_over_tls_with_its_own_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let Some(redis) = support::redis::start_tls(
+        "a_rediss_store_is_used_over_tls_with_its_own_ca",
+        &cert_pem,
+        &key_pem,
+    )
+    .await
+    else {
+        return;
+    };
+    let url = redis.tls_url().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert_pem).unwrap();
+    let up = TestUpstream::builder().start().await;
+    let store_errors = |gw: &TestGateway| {
+        let table = gw.state.proxy.table.load();
+        let route = table.routes().iter().find(|r| &*r.name == "g").unwrap();
+        route
+            .rate_limiter()
+            .unwrap()
+            .store_errors
+            .load(Ordering::Relaxed)
+    };
+    let c = client();
+
+    // Trusting the server's CA: Redis decides over TLS (three of five, no store error).
+    let extra = "burst = 3, on_store_error = \"deny\"";
+    let gw = global_gateway_with(&url, &up.url(), extra, &format!("ca_file = {:?}", ca)).await;
+    assert_eq!(
+        statuses(&c, &gw, "/x", 5, &[]).await,
+        [200, 200, 200, 429, 429]
+    );
+    assert_eq!(store_errors(&gw), 0, "every decision came from Redis");
+    assert!(
+        redis
+            .cmd(&["KEYS", "meshgate:rl:*"])
+            .await
+            .is_ok_and(|v| v != redis::Value::Array(vec![])),
+        "the bucket lives in Redis"
+    );
+
+    // With the system roots the certificate is refused: TLS is verified, deny decides.
+    let gw = global_gateway(&url, &up.url(), extra).await;
+    assert_eq!(statuses(&c, &gw, "/x", 2, &[]).await, [429, 429]);
+    assert_eq!(store_errors(&gw), 2);
+}
+
+#[test]
+fn redis_ca_file_is_checked() {
+    let problems = |redis: &str| {
+        Config::from_toml(&format!("[redis]\n{redis}\n"), &Env::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("not.pem");
+    std::fs::write(&text, "hello").unwrap();
+    let plain = problems(&format!(
+        "url = \"redis://127.0.0.1:6379\"\nca_file = {text:?}"
+    ));
+    assert!(
+        plain.contains("redis.ca_file") && plain.contains("rediss://"),
+        "{plain}"
+    );
+    let missing = problems("url = \"rediss://127.0.0.1:6379\"\nca_file = \"/nonexistent/ca.pem\"");
+    assert!(
+        missing.contains("redis.ca_file") && missing.contains("/nonexistent/ca.pem"),
+        "{missing}"
+    );
+    let not_pem = problems(&format!(
+        "url = \"rediss://127.0.0.1:6379\"\nca_file = {text:?}"
+    ));
+    assert!(not_pem.contains("no PEM certificate"), "{not_pem}");
 }

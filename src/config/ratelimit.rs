@@ -49,12 +49,36 @@ pub(in crate::config) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<Redis
         );
         return None;
     }
+    let ca_pem = raw.ca_file.as_ref().and_then(|path| {
+        if !url.starts_with("rediss://") {
+            c.err(
+                "redis.ca_file",
+                "only used with a rediss:// url (TLS); remove it or use rediss://",
+            );
+            return None;
+        }
+        match std::fs::read(path) {
+            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => {
+                c.err(
+                    "redis.ca_file",
+                    format!("{}: no PEM certificate in it", path.display()),
+                );
+                None
+            }
+            Err(e) => {
+                c.err("redis.ca_file", format!("{}: {e}", path.display()));
+                None
+            }
+        }
+    });
     Some(RedisSettings {
         url,
         username: raw.username.clone(),
         password: raw.password.clone(),
         pool_size,
         timeout,
+        ca_pem,
     })
 }
 

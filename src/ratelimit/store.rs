@@ -22,6 +22,8 @@ pub struct RedisSettings {
     pub pool_size: usize,
     /// Longest wait for one decision; beyond it `on_store_error` decides.
     pub timeout: Duration,
+    /// `redis.ca_file`'s PEM: the roots for `rediss://` in place of the system's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -32,6 +34,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("username", &self.username)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_pem.is_some())
             .finish()
     }
 }
@@ -194,7 +197,16 @@ fn client(s: &RedisSettings) -> Result<redis::Client, redis::RedisError> {
         redis = redis.set_password(p);
     }
     info = info.set_redis_settings(redis);
-    redis::Client::open(info)
+    match &s.ca_pem {
+        Some(pem) if s.url.starts_with("rediss://") => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+        _ => redis::Client::open(info),
+    }
 }
 
 /// The script's reply, checked: four non-negative integers.

@@ -17,6 +17,8 @@ pub struct Redis {
     child: Option<Child>,
     /// `requirepass`, when the server wants one.
     password: Option<String>,
+    /// A TLS port as well, with this certificate and key (PEM files in `dir`).
+    tls: Option<(u16, PathBuf, PathBuf)>,
 }
 
 /// `redis-server` on `PATH`, if installed.
@@ -58,7 +60,21 @@ pub async fn start_with_password(test: &str, password: Option<&str>) -> Option<R
         dir: tempfile::tempdir().unwrap(),
         child: None,
         password: password.map(str::to_owned),
+        tls: None,
     };
+    r.start_again().await;
+    Some(r)
+}
+
+/// Like [`start`], with a TLS port too, serving `cert_pem` with `key_pem` (no client
+/// certificates asked for). The plain port stays for the test's own commands.
+pub async fn start_tls(test: &str, cert_pem: &str, key_pem: &str) -> Option<Redis> {
+    let mut r = start(test).await?;
+    r.stop();
+    let (cert, key) = (r.dir.path().join("cert.pem"), r.dir.path().join("key.pem"));
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    r.tls = Some((super::util::free_port().await, cert, key));
     r.start_again().await;
     Some(r)
 }
@@ -67,6 +83,13 @@ impl Redis {
     /// `redis://127.0.0.1:PORT`, without credentials.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT`, when started with [`start_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|(port, _, _)| format!("rediss://127.0.0.1:{port}"))
     }
 
     fn admin_url(&self) -> String {
@@ -82,6 +105,18 @@ impl Redis {
         let mut args: Vec<String> = Vec::new();
         if let Some(p) = &self.password {
             args.extend(["--requirepass".to_owned(), p.clone()]);
+        }
+        if let Some((port, cert, key)) = &self.tls {
+            args.extend([
+                "--tls-port".to_owned(),
+                port.to_string(),
+                "--tls-cert-file".to_owned(),
+                cert.display().to_string(),
+                "--tls-key-file".to_owned(),
+                key.display().to_string(),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ]);
         }
         let child = Command::new(&self.bin)
             .args(&args)

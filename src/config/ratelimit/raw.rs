@@ -62,6 +62,10 @@ pub struct RawRedis {
     pub pool_size: i64,
     /// Longest wait for one decision before `on_store_error` decides. Default `20ms`.
     pub timeout: String,
+    /// PEM file of the CA(s) that sign a `rediss://` server's certificate, in place of the
+    /// system roots. Default: the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Keys the model does not know; each is reported by `validate`.
     #[serde(flatten, skip_serializing)]
     pub unknown: Unknown,
@@ -75,6 +79,7 @@ impl Default for RawRedis {
             password: None,
             pool_size: 4,
             timeout: "20ms".into(),
+            ca_file: None,
             unknown: Unknown::new(),
         }
     }
