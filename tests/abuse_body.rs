@@ -18,11 +18,24 @@ const SECRET: &str = "/admin/secret";
 
 async fn gateway(up: &TestUpstream, extra: &str) -> TestGateway {
     let dead = dead_port().await;
+    // An API-key route refuses before reading the body; the file holds no key of the tests.
+    let keys = std::env::temp_dir().join(format!("meshgate-abuse-keys-{}", std::process::id()));
+    std::fs::write(&keys, format!("nobody {}\n", "0".repeat(64))).unwrap();
     start(&format!(
         r#"
         {extra}
         [discovery.static.services]
         empty = []
+        [[routes]]
+        name = "locked"
+        path = "/locked"
+        targets = ["{up}"]
+        auth = {{ api_keys = {{ keys_file = {keys:?} }} }}
+        [[routes]]
+        name = "limited"
+        path = "/limited"
+        targets = ["{up}"]
+        rate_limit = {{ rate = "1/h", key = "header:X-Tenant", required = true }}
         [[routes]]
         name = "small"
         path = "/small"
@@ -90,6 +103,26 @@ async fn early_answer_never_smuggles(head: &str, body_len: usize, expect: u16) {
         );
         gw.stop().await;
     }
+}
+
+#[tokio::test]
+async fn body_of_a_request_refused_by_auth_is_never_parsed_as_a_request() {
+    early_answer_never_smuggles(
+        "POST /locked/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 300\r\n\r\n",
+        300,
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn body_of_a_request_refused_by_the_rate_limit_is_never_parsed_as_a_request() {
+    early_answer_never_smuggles(
+        "POST /limited/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 300\r\n\r\n",
+        300,
+        400,
+    )
+    .await;
 }
 
 #[tokio::test]
