@@ -61,8 +61,7 @@ impl TrustedProxies {
         let mut client = peer;
         let mut kept = 0;
         // Entries right to left, over every X-Forwarded-For line in order.
-        let lines: Vec<&HeaderValue> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
-        for line in lines.iter().rev() {
+        for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
             let Ok(text) = line.to_str() else {
                 return Resolved { client, kept };
             };
