@@ -16,6 +16,7 @@ pub mod stages;
 pub mod upgrade;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::header::{HeaderValue, CONTENT_TYPE, ORIGIN};
@@ -66,7 +67,7 @@ pub trait LocalAnswer: Send + Sync {
 
 /// Handles one downstream request. Never fails: every error becomes a response.
 pub async fn handle(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
@@ -88,7 +89,7 @@ pub async fn handle(
 }
 
 async fn handle_inner(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     mut req: Request<ClientBody>,
     client: SocketAddr,
     proto: &'static str,
@@ -169,7 +170,7 @@ struct Downstream<'a> {
 }
 
 async fn route_request(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
     mut req: Request<ClientBody>,
     down: &Downstream<'_>,
     mut log: Option<&mut RequestLog>,
@@ -266,6 +267,15 @@ async fn route_request(
             }
         }
         Ok((Flow::Answer(resp), ran)) => Ok((resp, ran)),
+        Ok((Flow::Detach(resp), ran)) => {
+            // Only a request without a body can go on alone: the body belongs to the client's
+            // connection. One with a body is answered and not carried on (a stage detaches only
+            // to refresh, which the next request can do).
+            if hyper::body::Body::is_end_stream(&body) {
+                detach(state, &route, &mut ex, body, ran);
+            }
+            Ok((resp, ran))
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -290,6 +300,79 @@ async fn route_request(
             resp
         }
     }
+}
+
+const BACKGROUND_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Carries a request a stage answered with `Flow::Detach` on in a task of its own: the stages
+/// after `stage`, forwarding, and their response phase; the answer is read to its end (so a
+/// cache stores it) and dropped. The client's exchange keeps what the earlier stages need.
+fn detach(
+    state: &Arc<ProxyState>,
+    route: &Arc<Route>,
+    ex: &mut Exchange<'_>,
+    body: ClientBody,
+    stage: usize,
+) {
+    let mut head = Request::new(()).into_parts().0;
+    head.method = ex.head.method.clone();
+    head.uri = ex.head.uri.clone();
+    head.version = ex.head.version;
+    head.headers = ex.head.headers.clone();
+    head.extensions = std::mem::take(&mut ex.head.extensions);
+    let path = ex.path.to_owned();
+    let request_id = ex.request_id.clone();
+    let (client, peer, host, proto) = (ex.client, ex.peer, ex.host.clone(), ex.proto);
+    let (api_key, jwt_claims) = (ex.api_key.clone(), ex.jwt_claims.clone());
+    let state = state.clone();
+    let route = route.clone();
+    tokio::spawn(async move {
+        let span = tracing::Span::none();
+        let mut ex = Exchange {
+            head,
+            path: &path,
+            upstream_path: None,
+            client,
+            peer,
+            host,
+            proto,
+            request_id: &request_id,
+            upgrade: None,
+            upgrades: &state.upgrades,
+            deadline: tokio::time::Instant::now() + route.timeout,
+            permit: None,
+            span: &span,
+            log: None,
+            api_key,
+            jwt_claims,
+            rate_limit: None,
+        };
+        let answer = match route.pipeline.request_from(stage + 1, &mut ex).await {
+            Ok((Flow::Next, ran)) => {
+                forward::forward(&state.client, &state.http1, &route, &mut ex, body)
+                    .await
+                    .map(|resp| (resp, ran))
+            }
+            Ok((Flow::Answer(resp) | Flow::Detach(resp), ran)) => Ok((resp, ran)),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok((mut resp, ran)) => {
+                route.pipeline.response_of(&ex, stage..ran, &mut resp);
+                // Read and dropped frame by frame: an answer too large to store keeps memory flat.
+                let mut body = resp.into_body();
+                let read = async {
+                    while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+                };
+                // Nobody waits for it: the route's stream limit, else a minute, bounds it.
+                let limit = route.stream_timeout.unwrap_or(BACKGROUND_READ_LIMIT);
+                if tokio::time::timeout(limit, read).await.is_err() {
+                    tracing::debug!(route = %route.name, "background answer cut off: too slow");
+                }
+            }
+            Err(e) => log_error(&e, &route),
+        }
+    });
 }
 
 fn log_error(e: &ProxyError, route: &Route) {

@@ -308,32 +308,117 @@ async fn stale_if_error_serves_the_stored_answer_when_the_upstream_fails() {
     assert!(up.hits_on("/f") >= 1);
 }
 
+/// The cache's counter `name` from `/status`.
+async fn cache_counter(gw: &TestGateway, name: &str) -> u64 {
+    let status: serde_json::Value = client()
+        .get(gw.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let route = status["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "cached")
+        .unwrap();
+    route["cache"][name].as_u64().unwrap()
+}
+
 #[tokio::test]
-async fn stale_while_revalidate_answers_others_while_one_request_refreshes() {
-    let up = upstream("/w", "old", &[("cache-control", "max-age=1"), ("age", "5")])
-        .etag("/w", "\"w\"")
-        .delay("/w", Duration::from_millis(800))
-        .start()
-        .await;
+async fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() {
+    // Stored already stale (`Age: 100` over `max-age=60`); the upstream takes 800 ms to answer.
+    let up = upstream(
+        "/w",
+        "old",
+        &[("cache-control", "max-age=60"), ("age", "100")],
+    )
+    .etag("/w", "\"w\"")
+    .delay("/w", Duration::from_millis(800))
+    .start()
+    .await;
     let gw = gateway(&up, r#"stale_while_revalidate = "1h""#, "").await;
     let c = client();
     assert_eq!(x_cache(&get(&c, &gw, "/w").await), "MISS");
-    let refresher = tokio::spawn({
-        let c = c.clone();
-        let url = gw.url("/w");
-        async move { c.get(url).send().await.unwrap().status() }
-    });
+    assert_eq!(up.hits_on("/w"), 1);
+    // The first stale request is answered at once and starts the refresh; it does not wait for it.
+    let started = tokio::time::Instant::now();
+    let r = c
+        .get(gw.url("/w"))
+        .header("if-none-match", "\"client-copy\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "STALE");
+    assert_eq!(r.text().await.unwrap(), "old");
+    assert!(started.elapsed() < Duration::from_millis(700));
     assert!(
         support::gateway::eventually(Duration::from_secs(5), || async { up.hits_on("/w") == 2 })
             .await
     );
-    let started = tokio::time::Instant::now();
+    // The refresh carries the store's validator, not the client's.
+    assert_eq!(up.last_request().unwrap().headers["if-none-match"], "\"w\"");
+    // While it is under way, others get the stale copy too, and no second refresh starts.
     let r = get(&c, &gw, "/w").await;
     assert_eq!(x_cache(&r), "STALE");
     assert_eq!(r.text().await.unwrap(), "old");
-    assert!(started.elapsed() < Duration::from_millis(700));
-    assert_eq!(refresher.await.unwrap(), 200);
+    // The 304 (no Age) makes the entry fresh: later requests are hits, with no upstream request.
+    assert!(
+        support::gateway::eventually(Duration::from_secs(5), || async {
+            cache_counter(&gw, "revalidated").await == 1
+        })
+        .await
+    );
+    let r = get(&c, &gw, "/w").await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.text().await.unwrap(), "old");
     assert_eq!(up.hits_on("/w"), 2);
+    // The background request is not a client's: counted neither as a hit nor as a miss.
+    assert_eq!(cache_counter(&gw, "misses").await, 1);
+    assert_eq!(cache_counter(&gw, "stale").await, 2);
+    assert_eq!(cache_counter(&gw, "hits").await, 1);
+}
+
+#[tokio::test]
+async fn a_failed_background_refresh_keeps_the_stale_copy_and_the_next_request_tries_again() {
+    let up = upstream(
+        "/g",
+        "kept",
+        &[("cache-control", "max-age=60"), ("age", "100")],
+    )
+    .start()
+    .await;
+    let addr = up.addr();
+    let gw = gateway(&up, r#"stale_while_revalidate = "1h""#, "").await;
+    let c = client();
+    assert_eq!(x_cache(&get(&c, &gw, "/g").await), "MISS");
+    up.shutdown().await;
+    // The upstream is gone: the stale copy still answers, and the refresh fails quietly.
+    for _ in 0..3 {
+        let r = get(&c, &gw, "/g").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(x_cache(&r), "STALE");
+        assert_eq!(r.text().await.unwrap(), "kept");
+    }
+    // A 503 in the background does not replace the stored answer either.
+    let up = TestUpstream::builder()
+        .route("/g", 503, "down")
+        .header("/g", "cache-control", "max-age=600")
+        .start_on(addr)
+        .await;
+    let r = get(&c, &gw, "/g").await;
+    assert_eq!(x_cache(&r), "STALE");
+    assert!(
+        support::gateway::eventually(Duration::from_secs(5), || async { up.hits_on("/g") >= 1 })
+            .await
+    );
+    let r = get(&c, &gw, "/g").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(x_cache(&r), "STALE");
+    assert_eq!(r.text().await.unwrap(), "kept");
 }
 
 #[tokio::test]

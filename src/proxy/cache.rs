@@ -60,6 +60,8 @@ struct Miss {
     stale: Option<Arc<Entry>>,
     /// Validators were sent for `stale`, so a 304 refreshes it.
     revalidating: bool,
+    /// A refresh in the background: the client already has the stale copy.
+    background: bool,
     /// Held by the one request sent upstream for its key.
     flight: Mutex<Option<FlightGuard>>,
 }
@@ -109,19 +111,32 @@ impl Stage for CacheStage {
                 self.count(|c| &c.hits);
                 return Step::Answer(answer(entry, "HIT", head, &ex.head.headers, now));
             }
-            // Another request is refreshing it: this one gets the stale copy meanwhile.
-            if !must_ask && entry.serves_while_revalidating(now) && self.cache.in_flight(&key) {
+            if !must_ask && entry.serves_while_revalidating(now) {
                 self.count(|c| &c.stale);
-                return Step::Answer(answer(entry, "STALE", head, &ex.head.headers, now));
+                let resp = answer(entry, "STALE", head, &ex.head.headers, now);
+                if head {
+                    // A HEAD cannot refresh a body; the next GET will.
+                    return Step::Answer(resp);
+                }
+                // The first stale request refreshes it in the background; the others, and this
+                // one, get the stale copy without waiting (RFC 5861 section 3).
+                return match self.cache.join(&key) {
+                    Join::Leader(guard) => {
+                        let entry = entry.clone();
+                        self.go_upstream(ex, key, Some(entry), Some(guard), true);
+                        Step::Detach(resp)
+                    }
+                    Join::Follower(_) => Step::Answer(resp),
+                };
             }
         }
         if head {
-            self.go_upstream(ex, key, stored, None);
+            self.go_upstream(ex, key, stored, None, false);
             return Step::Next;
         }
         match self.cache.join(&key) {
             Join::Leader(guard) => {
-                self.go_upstream(ex, key, stored, Some(guard));
+                self.go_upstream(ex, key, stored, Some(guard), false);
                 Step::Next
             }
             Join::Follower(rx) => {
@@ -143,7 +158,7 @@ impl Stage for CacheStage {
                         )));
                     }
                     // Nothing stored for it (not cacheable, too large, timed out): its own way.
-                    self.go_upstream(ex, key, stored, None);
+                    self.go_upstream(ex, key, stored, None, false);
                     Ok(Flow::Next)
                 }))
             }
@@ -179,19 +194,28 @@ impl Stage for CacheStage {
             (status, &miss.stale, miss.revalidating)
         {
             let refreshed = self.refresh(miss, entry, resp.headers());
-            self.count(|c| &c.hits);
             self.count(|c| &c.revalidated);
+            if miss.background {
+                return;
+            }
+            self.count(|c| &c.hits);
             *resp = answer(&refreshed, "HIT", miss.head, &miss.request, now);
             return;
         }
         if status.is_server_error() {
+            if miss.background {
+                // The stale copy stays: the client has it, and the next request tries again.
+                return;
+            }
             if let Some(entry) = miss.stale.as_ref().filter(|e| e.serves_on_error(now)) {
                 self.count(|c| &c.stale);
                 *resp = answer(entry, "STALE", miss.head, &miss.request, now);
                 return;
             }
         }
-        self.count(|c| &c.misses);
+        if !miss.background {
+            self.count(|c| &c.misses);
+        }
         if !miss.head && status != StatusCode::NOT_MODIFIED {
             self.store(miss, resp);
         }
@@ -226,15 +250,21 @@ impl CacheStage {
     }
 
     /// Sends the request upstream: with the stored answer's validators when there is one, so
-    /// that a 304 can refresh it.
+    /// that a 304 can refresh it. A `background` refresh never carries the client's validators.
     fn go_upstream(
         &self,
         ex: &mut Exchange<'_>,
         key: String,
         stale: Option<Arc<Entry>>,
         flight: Option<FlightGuard>,
+        background: bool,
     ) {
         let request = ex.head.headers.clone();
+        if background {
+            // A 304 for the client's copy would refresh nothing of ours.
+            ex.head.headers.remove(IF_NONE_MATCH);
+            ex.head.headers.remove(IF_MODIFIED_SINCE);
+        }
         let mut revalidating = false;
         if let Some(entry) = &stale {
             let etag = entry.headers.get(ETAG).cloned();
@@ -262,6 +292,7 @@ impl CacheStage {
             head: ex.head.method == Method::HEAD,
             stale,
             revalidating,
+            background,
             flight: Mutex::new(flight),
         };
         ex.head

@@ -65,6 +65,9 @@ pub enum Step<'a> {
     Next,
     /// Answer the request with this response; later stages and the upstream never see it.
     Answer(Response<ResponseBody>),
+    /// Answer the client with this response now, and carry the request on through the later
+    /// stages and forwarding in the background (a cache refreshing a stale copy it served).
+    Detach(Response<ResponseBody>),
     /// Refuse the request with a gateway error (the route's error page applies).
     Fail(ProxyError),
     /// Decide after waiting (a queue, a remote store). Only waiting stages pay for the box.
@@ -79,6 +82,8 @@ pub enum Flow {
     Next,
     /// Answered by a stage.
     Answer(Response<ResponseBody>),
+    /// Answered by a stage, which asks for the request to go on in the background.
+    Detach(Response<ResponseBody>),
 }
 
 /// One policy on a route's request path.
@@ -118,17 +123,27 @@ impl Pipeline {
     }
 
     /// Runs the request phase. `Ok((Flow::Answer, n))` says which stage answered (the first
-    /// `n` stages ran); `Ok((Flow::Next, len))` asks for forwarding.
+    /// `n` stages ran; `Flow::Detach` likewise); `Ok((Flow::Next, len))` asks for forwarding.
     pub async fn request(&self, ex: &mut Exchange<'_>) -> Result<(Flow, usize), ProxyError> {
-        for (i, stage) in self.stages.iter().enumerate() {
+        self.request_from(0, ex).await
+    }
+
+    /// The request phase from stage `first` on: where a detached request carries on.
+    pub async fn request_from(
+        &self,
+        first: usize,
+        ex: &mut Exchange<'_>,
+    ) -> Result<(Flow, usize), ProxyError> {
+        for (i, stage) in self.stages.iter().enumerate().skip(first) {
             let flow = match stage.on_request(ex) {
                 Step::Next => Flow::Next,
                 Step::Answer(resp) => Flow::Answer(resp),
+                Step::Detach(resp) => Flow::Detach(resp),
                 Step::Fail(e) => return Err(e),
                 Step::Wait(wait) => wait.await?,
             };
-            if let Flow::Answer(resp) = flow {
-                return Ok((Flow::Answer(resp), i));
+            if !matches!(flow, Flow::Next) {
+                return Ok((flow, i));
             }
         }
         Ok((Flow::Next, self.stages.len()))
@@ -136,7 +151,18 @@ impl Pipeline {
 
     /// Runs the response phase of the first `ran` stages, last one first.
     pub fn response(&self, ex: &Exchange<'_>, ran: usize, resp: &mut Response<ResponseBody>) {
-        for stage in self.stages[..ran].iter().rev() {
+        self.response_of(ex, 0..ran, resp)
+    }
+
+    /// Runs the response phase of the stages in `range`, last one first (a detached request's
+    /// own stages; the ones before it answered the client).
+    pub fn response_of(
+        &self,
+        ex: &Exchange<'_>,
+        range: std::ops::Range<usize>,
+        resp: &mut Response<ResponseBody>,
+    ) {
+        for stage in self.stages[range].iter().rev() {
             stage.on_response(ex, resp);
         }
     }
