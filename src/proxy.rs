@@ -231,10 +231,16 @@ async fn route_request(
         .then(|| hyper::upgrade::on(&mut req));
     let (head, body) = req.into_parts();
     let method = head.method.clone();
+    // A path that needed no normalising goes upstream as the client sent it, query and all:
+    // the same bytes, so no new target is parsed or allocated.
+    let upstream_path = match &path {
+        std::borrow::Cow::Borrowed(_) => uri_path.clone(),
+        std::borrow::Cow::Owned(_) => None,
+    };
     let mut ex = Exchange {
         head,
         path: &path,
-        upstream_path: None,
+        upstream_path,
         client: client.ip(),
         peer,
         host,

@@ -25,8 +25,8 @@ pub struct Exchange<'a> {
     pub head: Parts,
     /// The dot-normalised request path the route matched.
     pub path: &'a str,
-    /// The path and query to send upstream, when a stage rewrote it; `None` sends `path` and
-    /// the client's query.
+    /// The path and query to send upstream: the client's when its path needed no normalising,
+    /// or a stage's rewrite; `None` sends `path` and the client's query.
     pub upstream_path: Option<PathAndQuery>,
     /// Client address: the peer, or behind `server.trusted_proxies` the address it forwarded.
     pub client: IpAddr,

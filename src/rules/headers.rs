@@ -61,15 +61,27 @@ static HOP_BY_HOP: [&HeaderName; 7] = [
     &PROXY_CONNECTION,
 ];
 
+/// `name`'s bit in the presence mask (its index in `HOP_BY_HOP`), or 0. The length decides
+/// first: most names have none of the set's lengths and are never compared.
+fn hop_bit(name: &HeaderName) -> u8 {
+    let is = |i: usize| u8::from(name == HOP_BY_HOP[i]) << i;
+    match name.as_str().len() {
+        2 => is(1),
+        7 => is(2) | is(4),
+        10 => is(0) | is(5),
+        16 => is(6),
+        17 => is(3),
+        _ => 0,
+    }
+}
+
 /// Removes hop-by-hop headers: the fixed set plus every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names, comparing without hashing, notes which of the set are present
     // (most requests carry none; most upstream responses only `Connection: keep-alive`).
     let mut present = 0u8;
     for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == k) {
-            present |= 1 << i;
-        }
+        present |= hop_bit(k);
     }
     if present == 0 {
         return;
@@ -206,6 +218,23 @@ pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_hop_by_hop_name_has_its_own_bit_and_no_other_name_has_one() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_bit(name), 1 << i, "{name}");
+        }
+        for name in [
+            "host",
+            "content-length",
+            "accept",
+            "x-te",
+            "upgrades",
+            "keep-alive2",
+        ] {
+            assert_eq!(hop_bit(&HeaderName::from_static(name)), 0, "{name}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_go_including_connection_tokens() {
