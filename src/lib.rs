@@ -181,6 +181,8 @@ pub struct Gateway {
     watch_file: bool,
     /// `discovery.consul.register` with its own client and whether to register Connect-native.
     register: Option<(ConsulClient, RegisterSettings, bool)>,
+    /// Threads that serve the main and TLS listeners, this one included.
+    serving_threads: usize,
 }
 
 impl Gateway {
@@ -258,6 +260,7 @@ impl Gateway {
             reloader: None,
             watch_file: false,
             register,
+            serving_threads: 1,
         })
     }
 
@@ -268,6 +271,18 @@ impl Gateway {
         Self {
             reloader: Some(Arc::new(reloader)),
             watch_file: watch,
+            ..self
+        }
+    }
+
+    /// Serves the main and TLS listeners on `n` threads: the one running [`Gateway::run`] and
+    /// `n - 1` more, each with a single-threaded runtime of its own (`workers` in `main`).
+    /// A connection stays on the thread that accepted it, with the upstream connections it
+    /// opens, so a request wakes no other thread; the control plane stays on the first.
+    pub fn with_serving_threads(self, n: usize) -> Self {
+        self.state.proxy.http1.set_shards(n);
+        Self {
+            serving_threads: n,
             ..self
         }
     }
@@ -326,41 +341,50 @@ impl Gateway {
         });
 
         let main_addr = listeners.main.local_addr()?;
-        let mut accept_loops = vec![tokio::spawn(server::serve(
-            listeners.main,
-            server::Role::Main,
-            serving.clone(),
-            server_cfg.clone(),
-            graceful.clone(),
-            stop_accepting.clone(),
-            force_close.clone(),
-        ))];
-        if let Some(l) = listeners.tls {
-            tracing::info!(listen = %l.local_addr()?, "TLS listener (HTTP/2 and HTTP/1.1 by ALPN)");
-            accept_loops.push(tokio::spawn(server::serve(
-                l,
-                server::Role::Tls,
+        let acceptor = |role| {
+            server::Acceptor::new(
+                role,
                 serving.clone(),
                 server_cfg.clone(),
                 graceful.clone(),
                 stop_accepting.clone(),
                 force_close.clone(),
-            )));
+            )
+        };
+        let mut proxied = vec![(listeners.main, acceptor(server::Role::Main))];
+        if let Some(l) = listeners.tls {
+            tracing::info!(listen = %l.local_addr()?, "TLS listener (HTTP/2 and HTTP/1.1 by ALPN)");
+            proxied.push((l, acceptor(server::Role::Tls)));
         }
+        // The other serving threads accept on copies of the same sockets, so the main and TLS
+        // listeners' connections are spread over every thread; admin stays on this one.
+        let mut threads = match self.serving_threads {
+            0 | 1 => None,
+            n if n > 1 => {
+                // This thread serves too: it takes the first of the idle queues.
+                balancer::idle::set_thread_index(0);
+                Some(server::threads::ServingThreads::start(n - 1, &proxied)?)
+            }
+            _ => None,
+        };
+        let mut accept_loops: Vec<_> = proxied
+            .into_iter()
+            .map(|(l, a)| tokio::spawn(server::serve(l, a)))
+            .collect();
         let admin_stop = CancellationToken::new();
         let admin_addr = match listeners.admin {
             Some(l) => {
                 let addr = l.local_addr()?;
                 // The admin listener is not drained: it must keep answering /ready during drain.
-                accept_loops.push(tokio::spawn(server::serve(
-                    l,
+                let admin = server::Acceptor::new(
                     server::Role::Admin,
                     serving.clone(),
                     server_cfg.clone(),
                     Arc::new(server::Drain::default()),
                     admin_stop.clone(),
                     admin_stop.clone(),
-                )));
+                );
+                accept_loops.push(tokio::spawn(server::serve(l, admin)));
                 Some(addr)
             }
             None => None,
@@ -422,6 +446,9 @@ impl Gateway {
         for l in accept_loops.drain(..) {
             let _ = l.await;
         }
+        if let Some(t) = &mut threads {
+            t.stopped_accepting().await;
+        }
         accept_loops.extend(admin_loop);
         if tokio::time::timeout(server_cfg.grace_period, graceful.shutdown())
             .await
@@ -451,6 +478,9 @@ impl Gateway {
         }
         self.registry.tracker().close();
         self.registry.tracker().wait().await;
+        if let Some(t) = threads {
+            t.stop().await;
+        }
         if let Some(access) = self.state.proxy.telemetry.access_log() {
             access.flush(Duration::from_secs(2)).await;
         }

@@ -100,17 +100,14 @@ fn main() -> ExitCode {
         );
     }
     let telemetry = RequestTelemetry::from_config(&config.log, trace_pipeline.as_ref());
-    // One worker means one thread doing everything: a current-thread runtime does that without
-    // the work-stealing machinery (cross-thread wake-ups, atomics on every schedule).
-    let mut runtime = match config.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
+    // Thread per core: this thread's single-threaded runtime runs the control plane and serves,
+    // and `workers - 1` more threads serve with runtimes of their own (`Gateway::run`). No
+    // work stealing: a connection, its requests and its upstream connections stay on one
+    // thread, where a shared multi-threaded runtime wakes threads across cores per request.
+    let workers = config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let mut runtime = tokio::runtime::Builder::new_current_thread();
     runtime.enable_all();
     let result = runtime
         .build()
@@ -122,6 +119,7 @@ fn main() -> ExitCode {
                 cli.config.clone(),
                 env,
                 telemetry,
+                workers,
             ))
         });
     // After the gateway stopped: the last requests' spans go out (bounded wait).
@@ -149,6 +147,7 @@ async fn run(
     path: Option<PathBuf>,
     env: Env,
     telemetry: RequestTelemetry,
+    workers: usize,
 ) -> anyhow::Result<()> {
     let mocks = CancellationToken::new();
     if demo {
@@ -166,7 +165,8 @@ async fn run(
         }
         println!("\nPress Ctrl-C to stop (twice to stop at once).\n");
     }
-    let mut gateway = Gateway::build_with_telemetry(config, telemetry)?;
+    let mut gateway =
+        Gateway::build_with_telemetry(config, telemetry)?.with_serving_threads(workers);
     if let (Some(path), false) = (path, demo) {
         gateway = gateway.with_reload(path, env, true);
         let reloader = gateway.reloader();

@@ -22,6 +22,7 @@ use crate::proxy::{self, LocalAnswer, ProxyState, ResponseBody};
 
 pub(crate) mod conn;
 pub mod settings;
+pub mod threads;
 
 pub use settings::{ServerConfig, TlsListener};
 
@@ -176,19 +177,62 @@ impl Drain {
     }
 }
 
+/// One listener's accept loop and what it shares with the other loops on the same listener
+/// (one per serving thread): the connection limit and the drain.
+#[derive(Clone)]
+pub struct Acceptor {
+    /// What the listener serves.
+    pub role: Role,
+    /// The listener's view of the request path and admin.
+    pub serving: Arc<Serving>,
+    /// `[server]`.
+    pub cfg: ServerConfig,
+    /// Tracks the connections, and asks them to finish.
+    pub drain: Arc<Drain>,
+    /// Ends the accept loop.
+    pub stop: CancellationToken,
+    /// Closes the connections still open when the grace period is over.
+    pub force_close: CancellationToken,
+    /// `server.max_connections`, shared by every loop on the listener.
+    pub limit: Arc<Semaphore>,
+}
+
+impl Acceptor {
+    /// The loop for `role`, with its own connection limit from `cfg`.
+    pub fn new(
+        role: Role,
+        serving: Arc<Serving>,
+        cfg: ServerConfig,
+        drain: Arc<Drain>,
+        stop: CancellationToken,
+        force_close: CancellationToken,
+    ) -> Self {
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        Self {
+            role,
+            serving,
+            cfg,
+            drain,
+            stop,
+            force_close,
+            limit,
+        }
+    }
+}
+
 /// Accepts connections until `stop` is cancelled; every connection is tracked by `drain`.
-pub async fn serve(
-    listener: TcpListener,
-    role: Role,
-    serving: Arc<Serving>,
-    cfg: ServerConfig,
-    drain: Arc<Drain>,
-    stop: CancellationToken,
-    force_close: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, acceptor: Acceptor) {
+    let Acceptor {
+        role,
+        serving,
+        cfg,
+        drain,
+        stop,
+        force_close,
+        limit,
+    } = acceptor;
     let tls_builder = Arc::new(tls_builder(&cfg));
     let plain = Arc::new(plain_builders(&cfg));
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => break,

@@ -4,11 +4,10 @@
 
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -40,7 +39,7 @@ impl Reuse {
         self.last_used
             .store(crate::clock::now_ms(), Ordering::Relaxed);
         if let Some(idle) = self.state.idle_conns.get() {
-            let _ = idle.queue.push(Idle {
+            let _ = idle.local().push(Idle {
                 sender: self.sender,
                 last_used: self.last_used,
             });
@@ -54,6 +53,8 @@ pub struct Http1Pool {
     connect_timeout: Duration,
     idle_timeout_ms: u64,
     max_idle: usize,
+    /// Serving threads: each keeps its own idle queue per endpoint.
+    shards: AtomicUsize,
 }
 
 impl Http1Pool {
@@ -63,7 +64,14 @@ impl Http1Pool {
             connect_timeout: cfg.connect_timeout,
             idle_timeout_ms: cfg.idle_timeout.as_millis() as u64,
             max_idle: cfg.max_idle_per_host.max(1),
+            shards: AtomicUsize::new(1),
         }
+    }
+
+    /// Splits each endpoint's idle connections (`max_idle_per_host` in all) between `n`
+    /// serving threads; takes effect for endpoints not used yet, so it is set before serving.
+    pub fn set_shards(&self, n: usize) {
+        self.shards.store(n.max(1), Ordering::Relaxed);
     }
 
     /// Sends `req` (origin-form URI, Host set) on an idle connection to `addr`, or a new one.
@@ -73,14 +81,15 @@ impl Http1Pool {
         addr: SocketAddr,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Reuse), UpstreamError> {
-        let idle = state.idle_conns.get_or_init(|| IdleConns {
-            queue: ArrayQueue::new(self.max_idle),
-        });
+        let idle = state
+            .idle_conns
+            .get_or_init(|| IdleConns::new(self.shards.load(Ordering::Relaxed), self.max_idle));
         let now = crate::clock::now_ms();
+        let queue = idle.local();
         while let Some(Idle {
             mut sender,
             last_used,
-        }) = idle.queue.pop()
+        }) = queue.pop()
         {
             let idle_for = now.saturating_sub(last_used.load(Ordering::Relaxed));
             if sender.is_closed() || idle_for > self.idle_timeout_ms {
