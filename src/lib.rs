@@ -358,15 +358,13 @@ impl Gateway {
         }
         // The other serving threads accept on copies of the same sockets, so the main and TLS
         // listeners' connections are spread over every thread; admin stays on this one.
-        let mut threads = match self.serving_threads {
-            0 | 1 => None,
-            n if n > 1 => {
-                // This thread serves too: it takes the first of the idle queues.
-                balancer::idle::set_thread_index(0);
-                Some(server::threads::ServingThreads::start(n - 1, &proxied)?)
-            }
-            _ => None,
-        };
+        let mut threads = None;
+        if self.serving_threads > 1 {
+            // This thread serves too: it takes the first of the idle queues.
+            balancer::idle::set_thread_index(0);
+            let more = self.serving_threads - 1;
+            threads = Some(server::threads::ServingThreads::start(more, &proxied)?);
+        }
         let mut accept_loops: Vec<_> = proxied
             .into_iter()
             .map(|(l, a)| tokio::spawn(server::serve(l, a)))

@@ -33,8 +33,9 @@ fn serving_threads() -> Vec<(String, u64)> {
     found
 }
 
+// One test: the thread count is the whole process's, so a second test would see its threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_spread_over_every_thread_and_the_drain_waits_for_all_of_them() {
+async fn connections_spread_over_every_thread_and_the_drain_and_a_drop_end_them() {
     let up = TestUpstream::builder()
         .route("/", 200, "ok")
         .route("/slow", 200, "slow")
@@ -110,4 +111,25 @@ async fn connections_spread_over_every_thread_and_the_drain_waits_for_all_of_the
     gw.join(Duration::from_secs(10)).await.unwrap();
     // The threads ended with the gateway.
     assert!(serving_threads().is_empty());
+
+    // A gateway dropped while serving (its `run` cancelled, no shutdown) ends its threads too.
+    let config = Config::from_toml(
+        &format!("[[routes]]\npath = \"/\"\ntargets = [\"{}\"]\n", up.url()),
+        &Env::default(),
+    )
+    .unwrap();
+    let mut gw = start_gateway(Gateway::build(config).unwrap().with_serving_threads(3)).await;
+    assert!(
+        support::gateway::eventually(Duration::from_secs(5), || async {
+            serving_threads().len() == 2
+        })
+        .await
+    );
+    gw.abort();
+    assert!(
+        support::gateway::eventually(Duration::from_secs(5), || async {
+            serving_threads().is_empty()
+        })
+        .await
+    );
 }

@@ -95,8 +95,15 @@ async fn run(
             Err(e) => tracing::error!(error = %e, "a serving thread could not use its listener"),
         }
     }
-    for l in loops {
-        let _ = l.await;
+    let accepting = async {
+        for l in loops {
+            let _ = l.await;
+        }
+    };
+    // `done` also ends a thread whose gateway was dropped before it stopped accepting.
+    tokio::select! {
+        _ = accepting => {}
+        _ = done.cancelled() => return,
     }
     let _ = accepted.send(());
     done.cancelled().await;

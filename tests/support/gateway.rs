@@ -115,6 +115,13 @@ impl TestGateway {
         format!("http://{}{path}", self.admin)
     }
 
+    /// Drops the running gateway without a shutdown (its `run` future is cancelled).
+    pub fn abort(&mut self) {
+        if let Some(j) = self.join.take() {
+            j.abort();
+        }
+    }
+
     /// Signals shutdown without waiting.
     pub fn signal_stop(&mut self) {
         if let Some(tx) = self.stop.take() {
