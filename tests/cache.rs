@@ -278,20 +278,30 @@ async fn stale_entries_are_revalidated_and_a_304_refreshes_them() {
     assert_eq!(up.hits_on("/s"), 3);
 }
 
-#[tokio::test]
-async fn stale_if_error_serves_the_stored_answer_when_the_upstream_fails() {
+/// A gateway with `cache` whose answer for `path` ("kept") was stored already stale, and whose
+/// upstream has since gone away; returns the upstream's address, to start another there.
+async fn stored_stale_then_upstream_gone(
+    path: &str,
+    cache: &str,
+) -> (TestGateway, Client, std::net::SocketAddr) {
     let up = upstream(
-        "/f",
+        path,
         "kept",
-        &[("cache-control", "max-age=1"), ("age", "30")],
+        &[("cache-control", "max-age=60"), ("age", "100")],
     )
     .start()
     .await;
     let addr = up.addr();
-    let gw = gateway(&up, r#"stale_if_error = "1h""#, "").await;
+    let gw = gateway(&up, cache, "").await;
     let c = client();
-    assert_eq!(x_cache(&get(&c, &gw, "/f").await), "MISS");
+    assert_eq!(x_cache(&get(&c, &gw, path).await), "MISS");
     up.shutdown().await;
+    (gw, c, addr)
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stored_answer_when_the_upstream_fails() {
+    let (gw, c, addr) = stored_stale_then_upstream_gone("/f", r#"stale_if_error = "1h""#).await;
     // Connection refused: the stale copy answers instead of a 502.
     let r = get(&c, &gw, "/f").await;
     assert_eq!(r.status(), 200);
@@ -310,14 +320,7 @@ async fn stale_if_error_serves_the_stored_answer_when_the_upstream_fails() {
 
 /// The cache's counter `name` from `/status`.
 async fn cache_counter(gw: &TestGateway, name: &str) -> u64 {
-    let status: serde_json::Value = client()
-        .get(gw.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = support::util::status(&client(), gw).await;
     let route = status["routes"]
         .as_array()
         .unwrap()
@@ -384,18 +387,8 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_in_the_background(
 
 #[tokio::test]
 async fn a_failed_background_refresh_keeps_the_stale_copy_and_the_next_request_tries_again() {
-    let up = upstream(
-        "/g",
-        "kept",
-        &[("cache-control", "max-age=60"), ("age", "100")],
-    )
-    .start()
-    .await;
-    let addr = up.addr();
-    let gw = gateway(&up, r#"stale_while_revalidate = "1h""#, "").await;
-    let c = client();
-    assert_eq!(x_cache(&get(&c, &gw, "/g").await), "MISS");
-    up.shutdown().await;
+    let (gw, c, addr) =
+        stored_stale_then_upstream_gone("/g", r#"stale_while_revalidate = "1h""#).await;
     // The upstream is gone: the stale copy still answers, and the refresh fails quietly.
     for _ in 0..3 {
         let r = get(&c, &gw, "/g").await;
