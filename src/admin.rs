@@ -728,6 +728,7 @@ pub fn status(state: &ControlState) -> Value {
         .collect();
     json!({
         "ready": state.readiness.is_ready(),
+        "workers": state.serving_threads.load(Ordering::Relaxed),
         "routes": routes,
         "services": state.services.load().values().map(|p| service_json(p)).collect::<Vec<_>>(),
         "notes": &**state.notes.load(),

@@ -43,6 +43,8 @@ pub struct ControlState {
     pub mesh: ArcSwapOption<MeshIdentity>,
     /// What `/metrics` encodes (set once at build, by [`prometheus::install`]).
     pub prometheus: OnceLock<prometheus_client::registry::Registry>,
+    /// Threads serving the main and TLS listeners (`workers`), for `/status`.
+    pub serving_threads: AtomicUsize,
 }
 
 impl ControlState {
@@ -59,6 +61,7 @@ impl ControlState {
             readiness: Readiness::default(),
             mesh: ArcSwapOption::empty(),
             prometheus: OnceLock::new(),
+            serving_threads: AtomicUsize::new(1),
         })
     }
 }

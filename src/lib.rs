@@ -281,6 +281,9 @@ impl Gateway {
     /// opens, so a request wakes no other thread; the control plane stays on the first.
     pub fn with_serving_threads(self, n: usize) -> Self {
         self.state.proxy.http1.set_shards(n);
+        self.state
+            .serving_threads
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
         Self {
             serving_threads: n,
             ..self

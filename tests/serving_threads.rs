@@ -63,6 +63,8 @@ async fn connections_spread_over_every_thread_and_the_drain_and_a_drop_end_them(
         })
         .await
     );
+    let status = support::util::status(&client(), &gw).await;
+    assert_eq!(status["workers"], 3);
     let before = serving_threads();
 
     // Many connections, each with its own client, several requests each.
