@@ -173,7 +173,7 @@ pub struct RateLimiter {
     /// The buckets for `local` scope; for `global`, the fallback at `rate / replicas`.
     local: Buckets,
     store: Option<Arc<RedisStore>>,
-    /// Redis key prefix, `meshgate:rl:<name>:`.
+    /// Redis key prefix, `meshgate:rl:p:<policy>:` or `meshgate:rl:r:<route>:`.
     prefix: Vec<u8>,
     policy: HeaderValue,
     /// `"name";r=`: the start of every `RateLimit` value, quoted once.
@@ -214,7 +214,12 @@ impl RateLimiter {
         let policy = policy_header(&settings);
         let mut state_prefix = quoted_name(&settings).into_bytes();
         state_prefix.extend_from_slice(b";r=");
-        let mut prefix = b"meshgate:rl:".to_vec();
+        // Named policies and routes have separate namespaces, as they have locally: a route
+        // named like a policy must not share its buckets.
+        let mut prefix = match settings.shared {
+            true => b"meshgate:rl:p:".to_vec(),
+            false => b"meshgate:rl:r:".to_vec(),
+        };
         prefix.extend_from_slice(settings.name.as_bytes());
         prefix.push(b':');
         Self {
@@ -320,13 +325,20 @@ impl RateLimiter {
     }
 
     /// The Redis key of a request (the global scope). `None` when a key part is missing and
-    /// `required`.
+    /// `required`. Parts longer than [`MAX_RAW_KEY`] in all (a header or claim the client
+    /// chose) are stored as their SHA-256, so no client can make Redis hold large keys.
     pub fn global_key(&self, src: &KeySource<'_>) -> Option<Vec<u8>> {
         let mut key = self.prefix.clone();
         if !visit_key(&self.settings.key, src, |b| key.extend_from_slice(b))
             && self.settings.required
         {
             return None;
+        }
+        if key.len() - self.prefix.len() > MAX_RAW_KEY {
+            let digest = ring::digest::digest(&ring::digest::SHA256, &key[self.prefix.len()..]);
+            key.truncate(self.prefix.len());
+            key.push(b'#');
+            key.extend_from_slice(digest.as_ref());
         }
         Some(key)
     }
@@ -393,6 +405,9 @@ impl RateLimiter {
         }
     }
 }
+
+/// The longest key (after the prefix) stored in Redis as it is; longer ones are hashed.
+pub const MAX_RAW_KEY: usize = 64;
 
 /// The limit's name as a structured-field string: `"name"`, keeping visible ASCII and spaces
 /// other than `"` and `\\`.

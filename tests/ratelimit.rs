@@ -36,6 +36,17 @@ async fn statuses(
     out
 }
 
+/// Store failures counted by the rate limit of `route`.
+fn store_errors(gw: &TestGateway, route: &str) -> u64 {
+    let table = gw.state.proxy.table.load();
+    let route = table.routes().iter().find(|r| &*r.name == route).unwrap();
+    route
+        .rate_limiter()
+        .unwrap()
+        .store_errors
+        .load(Ordering::Relaxed)
+}
+
 fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
@@ -73,7 +84,8 @@ async fn exact_count_at_a_fixed_rate_with_headers_and_json_429() {
             StatusCode::TOO_MANY_REQUESTS => {
                 refused += 1;
                 let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
-                assert!((1..=20).contains(&retry), "retry-after {retry}");
+                // 3 a minute: the next token comes 20 s after the bucket ran dry.
+                assert!((19..=20).contains(&retry), "retry-after {retry}");
                 assert!(h["ratelimit"].to_str().unwrap().starts_with("\"r\";r=0;t="));
                 assert_eq!(h["content-type"], "application/json");
                 let body: serde_json::Value = resp.json().await.unwrap();
@@ -497,7 +509,8 @@ async fn two_gateways_share_one_global_limit() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=1200).contains(&after), "{after}");
+    // 3 an hour: 1,200 s until the next token.
+    assert!((1199..=1200).contains(&after), "{after}");
 }
 
 /// Redis goes away and comes back while requests flow; `mode` decides meanwhile. Returns the
@@ -511,14 +524,11 @@ async fn redis_outage(mode: &str) -> Option<Vec<u16>> {
     assert_eq!(statuses(&c, &gw, "/x", 4, &[]).await, [200, 200, 200, 429]);
     redis.stop();
     let down = statuses(&c, &gw, "/x", 4, &[]).await;
-    let table = gw.state.proxy.table.load();
-    let route = table.routes().iter().find(|r| &*r.name == "g").unwrap();
-    let errors = route
-        .metrics
-        .rate_limit
-        .store_errors
-        .load(Ordering::Relaxed);
-    assert_eq!(errors, 4, "every decision without Redis is counted");
+    assert_eq!(
+        store_errors(&gw, "g"),
+        4,
+        "every decision without Redis is counted"
+    );
     redis.start_again().await;
     // Recovery without a restart: the fresh Redis has a full bucket (3), then 429 again. Only
     // Redis can produce that sequence here (the fallback's bucket is spent, `allow` never
@@ -568,7 +578,7 @@ async fn a_conflicting_key_type_fails_one_key_not_the_policy() {
     let up = TestUpstream::builder().start().await;
     let gw = global_gateway(&redis.url(), &up.url(), "burst = 3").await;
     // The bucket of user "bad" is a hash, so the script's GET fails with WRONGTYPE.
-    let key = "meshgate:rl:u:\u{3}\u{0}\u{0}\u{0}bad";
+    let key = "meshgate:rl:r:u:\u{3}\u{0}\u{0}\u{0}bad";
     redis.cmd(&["HSET", key, "f", "v"]).await.unwrap();
     let c = client();
     // on_store_error = "deny" on this route: refused, not a 5xx, nothing panics.
@@ -577,6 +587,68 @@ async fn a_conflicting_key_type_fails_one_key_not_the_policy() {
     // Other keys of the same policy are unaffected.
     let s = statuses(&c, &gw, "/u", 4, &[("x-user", "good")]).await;
     assert_eq!(s, [200, 200, 200, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_client_keys_are_hashed_and_a_route_never_shares_a_policys_redis_keys() {
+    let Some(redis) = support::redis::start("long_client_keys_are_hashed").await else {
+        return;
+    };
+    let up = TestUpstream::builder().start().await;
+    let limit = r#"rate = "3/h", burst = 3, key = "header:X-User", scope = "global", on_store_error = "deny""#;
+    let gw = gateway::start(&format!(
+        r#"
+        [redis]
+        url = "{}"
+        timeout = "500ms"
+        [policies.u]
+        rate_limit = {{ {limit} }}
+        [[routes]]
+        name = "u"
+        path = "/u"
+        targets = ["{u}"]
+        rate_limit = {{ {limit} }}
+        [[routes]]
+        path = "/p"
+        targets = ["{u}"]
+        policies = ["u"]
+        "#,
+        redis.url(),
+        u = up.url()
+    ))
+    .await;
+    let c = client();
+    // A 4 KiB user name: still one bucket, exact.
+    let long = "x".repeat(4096);
+    let user = [("x-user", long.as_str())];
+    assert_eq!(
+        statuses(&c, &gw, "/u", 4, &user).await,
+        [200, 200, 200, 429]
+    );
+    // The policy named like the route has buckets of its own.
+    assert_eq!(
+        statuses(&c, &gw, "/p", 4, &user).await,
+        [200, 200, 200, 429]
+    );
+    let keys = match redis.cmd(&["KEYS", "meshgate:rl:*"]).await.unwrap() {
+        redis::Value::Array(keys) => keys,
+        other => panic!("KEYS answered {other:?}"),
+    };
+    let keys: Vec<Vec<u8>> = keys
+        .into_iter()
+        .map(|k| match k {
+            redis::Value::BulkString(b) => b,
+            other => panic!("a key {other:?}"),
+        })
+        .collect();
+    assert_eq!(keys.len(), 2, "one bucket per namespace");
+    for prefix in [&b"meshgate:rl:r:u:#"[..], b"meshgate:rl:p:u:#"] {
+        let key = keys
+            .iter()
+            .find(|k| k.starts_with(prefix))
+            .expect("hashed key");
+        assert_eq!(key.len(), prefix.len() + 32, "stored as its SHA-256");
+    }
 }
 
 /// A TCP server answering every read with `reply`.
@@ -616,8 +688,11 @@ async fn redis_answering_garbage_or_wrong_types_does_not_panic() {
         let gw = global_gateway(&url, &up.url(), "burst = 3, on_store_error = \"allow\"").await;
         let s = statuses(&c, &gw, "/x", 3, &[]).await;
         assert_eq!(s, [200, 200, 200], "{what}");
+        // Admitted by `allow` because the reply was refused, not read as a decision.
+        assert_eq!(store_errors(&gw, "g"), 3, "{what}");
         let s = statuses(&c, &gw, "/u", 2, &[("x-user", "a")]).await;
         assert_eq!(s, [429, 429], "{what}");
+        assert_eq!(store_errors(&gw, "u"), 2, "{what}");
         gw.stop().await;
     }
 }
@@ -785,16 +860,7 @@ async fn a_failed_rediss_handshake_is_a_store_error() {
     let gw = global_gateway(&url, &up.url(), "burst = 3, on_store_error = \"deny\"").await;
     let c = client();
     assert_eq!(statuses(&c, &gw, "/x", 2, &[]).await, [429, 429]);
-    let table = gw.state.proxy.table.load();
-    let route = table.routes().iter().find(|r| &*r.name == "g").unwrap();
-    assert_eq!(
-        route
-            .rate_limiter()
-            .unwrap()
-            .store_errors
-            .load(Ordering::Relaxed),
-        2
-    );
+    assert_eq!(store_errors(&gw, "g"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -815,15 +881,6 @@ async fn a_rediss_store_is_used_over_tls_with_its_own_ca() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &cert_pem).unwrap();
     let up = TestUpstream::builder().start().await;
-    let store_errors = |gw: &TestGateway| {
-        let table = gw.state.proxy.table.load();
-        let route = table.routes().iter().find(|r| &*r.name == "g").unwrap();
-        route
-            .rate_limiter()
-            .unwrap()
-            .store_errors
-            .load(Ordering::Relaxed)
-    };
     let c = client();
 
     // Trusting the server's CA: Redis decides over TLS (three of five, no store error).
@@ -833,7 +890,7 @@ async fn a_rediss_store_is_used_over_tls_with_its_own_ca() {
         statuses(&c, &gw, "/x", 5, &[]).await,
         [200, 200, 200, 429, 429]
     );
-    assert_eq!(store_errors(&gw), 0, "every decision came from Redis");
+    assert_eq!(store_errors(&gw, "g"), 0, "every decision came from Redis");
     assert!(
         redis
             .cmd(&["KEYS", "meshgate:rl:*"])
@@ -845,7 +902,7 @@ async fn a_rediss_store_is_used_over_tls_with_its_own_ca() {
     // With the system roots the certificate is refused: TLS is verified, deny decides.
     let gw = global_gateway(&url, &up.url(), extra).await;
     assert_eq!(statuses(&c, &gw, "/x", 2, &[]).await, [429, 429]);
-    assert_eq!(store_errors(&gw), 2);
+    assert_eq!(store_errors(&gw, "g"), 2);
 }
 
 #[test]

@@ -61,11 +61,10 @@ impl TrustedProxies {
         let mut client = peer;
         let mut kept = 0;
         // Entries right to left, over every X-Forwarded-For line in order.
+        // Entries are read one by one as bytes: what a client wrote further left on the same
+        // line (a proxy appending to it) cannot spoil the entries the proxies added.
         for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-            let Ok(text) = line.to_str() else {
-                return Resolved { client, kept };
-            };
-            for entry in text.rsplit(',') {
+            for entry in line.as_bytes().rsplit(|&b| b == b',') {
                 let Some(ip) = parse_entry(entry) else {
                     return Resolved { client, kept };
                 };
@@ -90,8 +89,8 @@ pub struct Resolved {
 }
 
 /// An `X-Forwarded-For` entry: an address, maybe with a port (`1.2.3.4:5`, `[::1]:5`).
-fn parse_entry(entry: &str) -> Option<IpAddr> {
-    let e = entry.trim();
+fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
+    let e = std::str::from_utf8(entry).ok()?.trim();
     if let Ok(ip) = e.parse::<IpAddr>() {
         return Some(canonical(ip));
     }
@@ -115,18 +114,17 @@ pub fn trusted_chain(headers: &HeaderMap, kept: usize) -> Option<HeaderValue> {
     if kept == 0 {
         return None;
     }
-    let mut entries: Vec<&str> = Vec::new();
-    for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
-        let text = line.to_str().ok()?;
-        for e in text.rsplit(',') {
+    let mut entries: Vec<&[u8]> = Vec::with_capacity(kept);
+    'lines: for line in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        for e in line.as_bytes().rsplit(|&b| b == b',') {
             if entries.len() == kept {
-                break;
+                break 'lines;
             }
-            entries.push(e.trim());
+            entries.push(e.trim_ascii());
         }
     }
     entries.reverse();
-    HeaderValue::from_str(&entries.join(", ")).ok()
+    HeaderValue::from_bytes(&entries.join(&b", "[..])).ok()
 }
 
 /// Rewrites `X-Forwarded-For` to [`trusted_chain`].
@@ -186,6 +184,25 @@ mod tests {
         // Ports and mapped addresses.
         let r = t.client(ip("::ffff:10.0.0.1"), &h(&["[2001:db8::1]:443"]));
         assert_eq!(r.client, ip("2001:db8::1"));
+    }
+
+    #[test]
+    fn bytes_a_client_wrote_on_a_proxys_line_do_not_hide_the_client() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8".into()]).unwrap();
+        // A proxy appending to the client's own line: its left part is not ASCII.
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.5").unwrap(),
+        );
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        let r = t.client(ip("10.0.0.1"), &headers);
+        assert_eq!(r.client, ip("203.0.113.5"));
+        assert_eq!(r.kept, 2);
+        assert_eq!(
+            trusted_chain(&headers, r.kept).unwrap(),
+            "203.0.113.5, 10.1.1.1"
+        );
     }
 
     #[test]
