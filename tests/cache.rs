@@ -827,3 +827,99 @@ async fn a_stale_answer_with_only_last_modified_is_revalidated_with_if_modified_
     assert!(!seen.headers.contains_key("if-none-match"));
     assert_eq!(up.hits_on("/lm"), 2);
 }
+
+#[tokio::test]
+async fn on_a_route_with_auth_only_answers_marked_shareable_are_cached() {
+    // API keys in a custom header (removed before forwarding): no `Authorization` anywhere.
+    let up = upstream("/me", "alice's page", &[("cache-control", "max-age=60")])
+        .route("/pub", 200, "for everyone")
+        .header("/pub", "cache-control", "public, max-age=60")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(
+        &keys,
+        format!(
+            "alice {}\nbob {}\n",
+            meshgate::auth::api_keys::sha256_hex("alice-key"),
+            meshgate::auth::api_keys::sha256_hex("bob-key")
+        ),
+    )
+    .unwrap();
+    let gw = start(&format!(
+        r#"
+        [[routes]]
+        name = "cached"
+        path = "/"
+        targets = ["{}"]
+        auth = {{ api_keys = {{ keys_file = {:?}, hide_credentials = true }} }}
+        cache = {{ }}
+        "#,
+        up.url(),
+        keys.display().to_string()
+    ))
+    .await;
+    let c = client();
+    let as_user = |key: &'static str, path: &'static str| {
+        let (c, url) = (c.clone(), gw.url(path));
+        async move {
+            let r = c.get(url).header("x-api-key", key).send().await.unwrap();
+            (x_cache(&r), r.text().await.unwrap())
+        }
+    };
+    // A per-user answer is not stored: Bob's request goes upstream.
+    assert_eq!(as_user("alice-key", "/me").await.0, "MISS");
+    assert_eq!(as_user("bob-key", "/me").await.0, "MISS");
+    assert_eq!(up.hits_on("/me"), 2);
+    // An answer the upstream marked public is shared.
+    assert_eq!(as_user("alice-key", "/pub").await.0, "MISS");
+    assert_eq!(
+        as_user("bob-key", "/pub").await,
+        ("HIT".to_owned(), "for everyone".to_owned())
+    );
+    assert_eq!(up.hits_on("/pub"), 1);
+}
+
+#[tokio::test]
+async fn no_cache_and_s_maxage_answers_are_never_served_stale() {
+    for (path, cc) in [("/nc", "no-cache"), ("/sm", "s-maxage=1")] {
+        let up = upstream(path, "kept", &[("cache-control", cc), ("age", "100")])
+            .start()
+            .await;
+        let gw = gateway(
+            &up,
+            r#"stale_if_error = "1h", stale_while_revalidate = "1h""#,
+            "",
+        )
+        .await;
+        let c = client();
+        assert_eq!(x_cache(&get(&c, &gw, path).await), "MISS");
+        up.shutdown().await;
+        // The upstream is gone: no stale copy instead of the 502.
+        let r = get(&c, &gw, path).await;
+        assert_eq!(r.status(), 502, "{cc}");
+    }
+}
+
+#[tokio::test]
+async fn a_stored_answer_that_is_not_2xx_ignores_the_clients_validators() {
+    let up = TestUpstream::builder()
+        .route("/gone", 404, "not here")
+        .header("/gone", "cache-control", "max-age=60")
+        .etag("/gone", "\"g\"")
+        .start()
+        .await;
+    let gw = gateway(&up, "", "").await;
+    let c = client();
+    assert_eq!(x_cache(&get(&c, &gw, "/gone").await), "MISS");
+    let r = c
+        .get(gw.url("/gone"))
+        .header("if-none-match", "\"g\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.text().await.unwrap(), "not here");
+}

@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::{
-    self, HeaderMap, HeaderName, AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, SET_COOKIE, VARY,
+    self, HeaderMap, HeaderName, AGE, CACHE_CONTROL, DATE, ETAG, EXPIRES, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, SET_COOKIE, VARY,
 };
 use http::StatusCode;
 
@@ -118,6 +118,7 @@ pub type Refusal = &'static str;
 pub fn storable(
     settings: &CacheSettings,
     req: &HeaderMap,
+    authorized: bool,
     status: StatusCode,
     resp: &HeaderMap,
     request_time: SystemTime,
@@ -139,8 +140,8 @@ pub fn storable(
         return Err("Vary: *");
     }
     let shareable_with_auth = cc.has("public") || cc.has("s-maxage") || cc.has("must-revalidate");
-    if req.contains_key(AUTHORIZATION) && !shareable_with_auth {
-        return Err("request has Authorization and the response is not public");
+    if authorized && !shareable_with_auth {
+        return Err("request was authenticated and the response is not public");
     }
     if resp.contains_key(SET_COOKIE) && !settings.cache_set_cookie {
         return Err("response sets a cookie (cache_set_cookie is off)");
@@ -166,7 +167,12 @@ pub fn storable(
     } else {
         settings.default_ttl
     };
-    let no_stale = cc.has("must-revalidate") || cc.has("proxy-revalidate");
+    // `s-maxage` implies `proxy-revalidate` for a shared cache (RFC 9111 5.2.2.10), and a
+    // `no-cache` answer may never be used without asking the origin (5.2.2.4).
+    let no_stale = cc.has("must-revalidate")
+        || cc.has("proxy-revalidate")
+        || cc.has("s-maxage")
+        || cc.has("no-cache");
     let window = |name: &str, route: Duration| match cc.seconds(name) {
         _ if no_stale => Duration::ZERO,
         Some(s) => Duration::from_secs(s),
@@ -353,6 +359,7 @@ mod tests {
         storable(
             &CacheSettings::default(),
             &HeaderMap::new(),
+            false,
             StatusCode::OK,
             &h(resp),
             now,

@@ -32,6 +32,10 @@ pub static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 pub struct CacheStage {
     /// The route's store.
     pub cache: Arc<Cache>,
+    /// The route has `auth`: every request it lets through carries an identity (a key in a
+    /// custom header, a token in a cookie, forward auth's answer), so only answers the
+    /// upstream marked shareable may be stored or served, as for `Authorization`.
+    pub authenticated: bool,
 }
 
 /// What the request phase decided, for the response phase (kept in the request's extensions:
@@ -60,6 +64,8 @@ struct Miss {
     stale: Option<Arc<Entry>>,
     /// Validators were sent for `stale`, so a 304 refreshes it.
     revalidating: bool,
+    /// The request carried an identity: only answers marked shareable are stored.
+    authorized: bool,
     /// A refresh in the background: the client already has the stale copy.
     background: bool,
     /// Held by the one request sent upstream for its key.
@@ -98,7 +104,7 @@ impl Stage for CacheStage {
         }
         let head = method == Method::HEAD;
         let key = self.key(ex, &method);
-        let authorized = ex.head.headers.contains_key(AUTHORIZATION);
+        let authorized = self.authenticated || ex.head.headers.contains_key(AUTHORIZATION);
         let must_ask = rules::request_wants_revalidation(&ex.head.headers, &req_cc);
         let max_age = req_cc.seconds("max-age");
         let now = Instant::now();
@@ -284,6 +290,7 @@ impl CacheStage {
                 revalidating = true;
             }
         }
+        let authorized = self.authenticated || request.contains_key(AUTHORIZATION);
         let miss = Miss {
             key,
             path: ex.path.to_owned(),
@@ -292,6 +299,7 @@ impl CacheStage {
             head: ex.head.method == Method::HEAD,
             stale,
             revalidating,
+            authorized,
             background,
             flight: Mutex::new(flight),
         };
@@ -320,6 +328,7 @@ impl CacheStage {
         let fresh = rules::storable(
             settings,
             &miss.request,
+            miss.authorized,
             entry.status,
             &headers,
             miss.request_time,
@@ -348,6 +357,7 @@ impl CacheStage {
         let fresh = match rules::storable(
             settings,
             &miss.request,
+            miss.authorized,
             resp.status(),
             resp.headers(),
             miss.request_time,
@@ -412,7 +422,8 @@ fn answer(
     req: &HeaderMap,
     now: Instant,
 ) -> Response<ResponseBody> {
-    let mut resp = if rules::not_modified(req, &entry.headers) {
+    // Preconditions apply to 2xx answers only (RFC 9110 13.2.1): a stored 404 stays a 404.
+    let mut resp = if entry.status.is_success() && rules::not_modified(req, &entry.headers) {
         let mut resp = Response::new(ResponseBody::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         for name in rules::NOT_MODIFIED_HEADERS.iter().chain([&LAST_MODIFIED]) {

@@ -182,7 +182,10 @@ fn pipeline(cfg: &RouteConfig, service: Arc<str>, live: Stages) -> Pipeline {
         }));
     }
     if let Some(cache) = live.cache {
-        stages.push(Box::new(super::cache::CacheStage { cache }));
+        stages.push(Box::new(super::cache::CacheStage {
+            cache,
+            authenticated: cfg.auth.is_some(),
+        }));
     }
     if let Some(limit) = cfg.max_body {
         stages.push(Box::new(BodyLimit { limit }));
