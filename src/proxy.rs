@@ -453,9 +453,10 @@ fn error_body(
         }
         if let Some(page) = &route.error {
             let mut resp = Response::new(ResponseBody::full(page.body.clone()));
-            // The page's body, but a refusal by the rate limit stays a 429.
+            // The page's body, but a refusal by the rate limit stays a 429, and one by `auth`
+            // its 401 or 403: a client must not read either as something else.
             *resp.status_mut() = match e {
-                ProxyError::RateLimited(_) => e.status(),
+                ProxyError::RateLimited(_) | ProxyError::AuthRefused { .. } => e.status(),
                 _ => page.status.unwrap_or_else(|| e.status()),
             };
             resp.headers_mut()

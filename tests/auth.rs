@@ -1182,3 +1182,64 @@ async fn rate_limits_key_on_the_api_key_and_jwt_claims_the_auth_stage_found() {
     }
     assert_eq!(up.hits(), 6, "refused requests never reached the upstream");
 }
+
+#[tokio::test]
+async fn a_routes_error_page_keeps_the_refusals_status_and_challenge() {
+    let up = TestUpstream::builder().start().await;
+    let env = Env::from_pairs([("PARTNER_KEYS", format!("acme {}\n", sha_hex("acme-key-1")))]);
+    let toml = format!(
+        r#"
+        [[routes]]
+        path = "/"
+        targets = ["{}"]
+        auth = {{ api_keys = {{ keys_env = "PARTNER_KEYS" }} }}
+        error = {{ status = 200, content_type = "text/plain", body = "sorry" }}
+        "#,
+        up.url()
+    );
+    let gw = gateway(&toml, &env).await;
+    let c = client();
+    // The page's body, but still a 401 with its challenge: never a 200 that looks like success.
+    let (status, h, body) = send(&c, gw.url("/x"), &[("x-api-key", "wrong")]).await;
+    assert_eq!(status, 401);
+    assert!(!challenge(&h).is_empty());
+    assert_eq!(body, "sorry");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn forward_auth_sends_every_header_but_the_hop_by_hop_ones() {
+    let up = TestUpstream::builder().start().await;
+    let (addr, seen) = auth_server().await;
+    let toml = format!(
+        r#"
+        [[routes]]
+        path = "/"
+        targets = ["{}"]
+        auth = {{ forward = {{ url = "http://{addr}/check" }} }}
+        "#,
+        up.url()
+    );
+    let gw = gateway(&toml, &Env::default()).await;
+    let c = client();
+    let (status, _, _) = send(
+        &c,
+        gw.url("/x"),
+        &[
+            ("authorization", "Bearer good"),
+            ("connection", "x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-tenant", "blue"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = seen.lock().unwrap();
+    let h = seen.last().unwrap();
+    assert_eq!(h["authorization"], "Bearer good");
+    assert_eq!(h["x-tenant"], "blue");
+    for hop in ["x-secret-hop", "keep-alive"] {
+        assert!(!h.contains_key(hop), "{hop} reached the auth service");
+    }
+}

@@ -183,10 +183,11 @@ impl ForwardAuth {
             }
             None => {
                 for (name, v) in incoming {
-                    if !skip_request_header(name) {
+                    if name != header::HOST && name != header::CONTENT_LENGTH {
                         headers.append(name.clone(), v.clone());
                     }
                 }
+                strip_hop_by_hop(&mut headers);
             }
         }
         if let Ok(m) = HeaderValue::from_str(asked.method.as_str()) {
@@ -196,8 +197,15 @@ impl ForwardAuth {
             HeaderName::from_static("x-forwarded-proto"),
             HeaderValue::from_static(asked.proto),
         );
-        if let Some(h) = asked.host {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+        // The gateway's own view, never the client's: a missing host removes the client's.
+        let forwarded_host = HeaderName::from_static("x-forwarded-host");
+        match asked.host {
+            Some(h) => {
+                headers.insert(forwarded_host, h.clone());
+            }
+            None => {
+                headers.remove(forwarded_host);
+            }
         }
         if let Ok(u) = HeaderValue::from_str(asked.uri) {
             headers.insert(HeaderName::from_static("x-forwarded-uri"), u);
@@ -234,9 +242,7 @@ impl ForwardAuth {
                 return Ok(Verdict::Allow(add));
             }
             let mut headers = std::mem::take(resp.headers_mut());
-            for name in HOP_BY_HOP {
-                headers.remove(name);
-            }
+            strip_hop_by_hop(&mut headers);
             headers.remove(header::CONTENT_LENGTH);
             let mut body = Vec::new();
             while let Some(chunk) = resp.chunk().await.map_err(fail)? {
@@ -261,19 +267,10 @@ impl ForwardAuth {
     }
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TE,
-    header::TRAILER,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
-
-fn skip_request_header(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-        || name == header::HOST
-        || name == header::CONTENT_LENGTH
-        || name.as_str() == "keep-alive"
+/// The gateway's hop-by-hop removal (headers named in `Connection` included), plus the proxy
+/// credentials, which are for the hop to the gateway.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    crate::rules::headers::remove_hop_by_hop(headers);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
 }
