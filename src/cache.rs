@@ -237,17 +237,10 @@ impl Cache {
     }
 
     /// The stored answer for `key` whose `Vary` values match the request. With `authorized`,
-    /// only answers that allow it. An entry whose length disagrees with its body is removed.
+    /// only answers that allow it. (Entries are consistent: [`Cache::insert`] checks.)
     pub fn lookup(&self, key: &str, req: &HeaderMap, authorized: bool) -> Option<Arc<Entry>> {
         let resource = self.store.get(key)?;
         let entry = resource.variants.iter().find(|e| e.matches(req))?.clone();
-        if !entry.is_consistent() {
-            tracing::warn!(
-                "a stored answer's Content-Length disagrees with its body; removed, not served"
-            );
-            self.remove(key, &entry);
-            return None;
-        }
         if authorized && !entry.fresh.shareable_with_auth {
             return None;
         }
@@ -341,12 +334,6 @@ impl Cache {
         })
     }
 
-    /// Whether a request for `key` is upstream now.
-    pub fn in_flight(&self, key: &str) -> bool {
-        let flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        flights.get(key).is_some_and(|rx| rx.has_changed().is_ok())
-    }
-
     /// Entries stored now (variants of every key).
     pub fn entries(&self) -> u64 {
         self.store
@@ -434,7 +421,6 @@ mod tests {
         ));
         drop(g);
         assert!(waiter.await.unwrap());
-        assert!(!c.in_flight("k"));
         assert!(matches!(c.join("k"), Join::Leader(_)));
     }
 }

@@ -44,10 +44,8 @@ pub struct CacheStage {
 struct Pending(Arc<PendingKind>);
 
 enum PendingKind {
-    /// Not looked up.
-    Bypass,
-    /// An unsafe method: a success removes these keys.
-    Invalidate(Vec<String>),
+    /// An unsafe method: a success removes the URL's stored answers (GET's key).
+    Invalidate(String),
     /// Looked up and sent upstream.
     Miss(Miss),
 }
@@ -79,27 +77,21 @@ impl Stage for CacheStage {
 
     fn on_request<'a>(&'a self, ex: &'a mut Exchange<'_>) -> Step<'a> {
         let method = ex.head.method.clone();
+        // A request not looked up carries no `Pending`: the response phase reads that as
+        // BYPASS, so bypassing costs no allocation.
         if method != Method::GET && method != Method::HEAD {
-            let kind = if is_unsafe(&method) {
-                // RFC 9111 4.4: a successful unsafe request invalidates the URL's stored answers.
+            if is_unsafe(&method) {
+                // RFC 9111 4.4: a successful unsafe request invalidates the URL's stored
+                // answers, which are only ever stored under GET's key.
                 let get = self.key(ex, &Method::GET);
-                let mut keys = vec![get];
-                let this = self.key(ex, &method);
-                if !keys.contains(&this) {
-                    keys.push(this);
-                }
-                PendingKind::Invalidate(keys)
-            } else {
-                PendingKind::Bypass
-            };
-            ex.head.extensions.insert(Pending(Arc::new(kind)));
+                ex.head
+                    .extensions
+                    .insert(Pending(Arc::new(PendingKind::Invalidate(get))));
+            }
             return Step::Next;
         }
         let req_cc = Directives::parse(&ex.head.headers);
         if ex.upgrade.is_some() || ex.head.headers.contains_key(RANGE) || req_cc.has("no-store") {
-            ex.head
-                .extensions
-                .insert(Pending(Arc::new(PendingKind::Bypass)));
             return Step::Next;
         }
         let head = method == Method::HEAD;
@@ -173,20 +165,15 @@ impl Stage for CacheStage {
 
     fn on_response(&self, ex: &Exchange<'_>, resp: &mut Response<ResponseBody>) {
         let Some(Pending(pending)) = ex.head.extensions.get::<Pending>() else {
+            self.count(|c| &c.bypass);
+            mark(resp, "BYPASS");
             return;
         };
         let miss = match &**pending {
-            PendingKind::Bypass => {
-                self.count(|c| &c.bypass);
-                mark(resp, "BYPASS");
-                return;
-            }
-            PendingKind::Invalidate(keys) => {
+            PendingKind::Invalidate(key) => {
                 let status = resp.status();
                 if status.is_success() || status.is_redirection() {
-                    for key in keys {
-                        self.cache.invalidate(key);
-                    }
+                    self.cache.invalidate(key);
                 }
                 self.count(|c| &c.bypass);
                 mark(resp, "BYPASS");
@@ -387,14 +374,15 @@ impl CacheStage {
         let body = std::mem::replace(resp.body_mut(), ResponseBody::empty());
         *resp.body_mut() = ResponseBody::wrapped(Tee {
             inner: body,
-            buf: BytesMut::new(),
+            // Sized by the declared length up to 64 KiB: an upstream's claim alone does not
+            // reserve memory.
+            buf: BytesMut::with_capacity(declared.unwrap_or(0).min(64 << 10) as usize),
             limit: settings.max_object_size,
             fill: Some(Fill {
                 cache: self.cache.clone(),
                 key: miss.key.clone(),
                 path: miss.path.clone(),
                 entry,
-                declared,
                 _flight: flight,
             }),
         });
@@ -459,7 +447,6 @@ struct Fill {
     key: String,
     path: String,
     entry: Entry,
-    declared: Option<u64>,
     /// Dropped after the insert (or when storing is given up): the waiters look again then.
     _flight: Option<FlightGuard>,
 }
@@ -478,11 +465,15 @@ impl Tee {
         let Some(mut fill) = self.fill.take() else {
             return;
         };
-        let body = std::mem::take(&mut self.buf).freeze();
-        // A body shorter or longer than its declared length is never stored.
-        if fill.declared.is_some_and(|n| n != body.len() as u64) {
-            return;
-        }
+        let buf = std::mem::take(&mut self.buf);
+        // The store weighs entries by their length: a buffer that grew by doubling is copied
+        // to its exact size, so `max_size` bounds memory rather than half of it. (A body that
+        // disagrees with its declared length is refused by `insert`.)
+        let body = if buf.capacity() > buf.len() + buf.len() / 8 {
+            Bytes::copy_from_slice(&buf)
+        } else {
+            buf.freeze()
+        };
         fill.entry.body = body;
         fill.entry.stored = Instant::now();
         let Fill {
