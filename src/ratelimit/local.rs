@@ -78,10 +78,16 @@ impl Buckets {
         self.per_shard * SHARDS
     }
 
+    /// The shard of `key`, picked by middle bits: the map places entries by the low bits and
+    /// tags them with the top seven, which must stay varied within a shard.
+    fn shard(&self, key: u64) -> &Mutex<Map> {
+        &self.shards[(key >> 32) as usize % SHARDS]
+    }
+
     /// What `check` would decide, without charging anything.
     pub fn peek(&self, key: u64, now: u64) -> Decision {
         let limit = self.interval.saturating_mul(self.burst);
-        let shard = &self.shards[(key >> 58) as usize % SHARDS];
+        let shard = self.shard(key);
         let tat = {
             let map = shard.lock().unwrap_or_else(|p| p.into_inner());
             map.get(&key).copied().unwrap_or(now).max(now)
@@ -99,8 +105,7 @@ impl Buckets {
     /// Charges one request to `key` at `now` (ns) if its bucket admits it.
     pub fn check(&self, key: u64, now: u64) -> Decision {
         let limit = self.interval.saturating_mul(self.burst);
-        // The top bits pick the shard; the map uses all of them.
-        let shard = &self.shards[(key >> 58) as usize % SHARDS];
+        let shard = self.shard(key);
         let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
         let tat = map.get(&key).copied().unwrap_or(now).max(now);
         let new_tat = tat.saturating_add(self.interval);
@@ -128,18 +133,25 @@ impl Buckets {
     }
 }
 
-/// Frees a slot in a full shard: keys whose bucket has refilled (TAT in the past) are the same
-/// as absent keys and go first; when every key is still draining, the one closest to full goes
-/// (it loses the least: at most its remaining drain time). Linear in the shard's size, and
-/// only when the shard is full.
+/// Frees slots in a full shard: keys whose bucket has refilled (TAT in the past) are the same
+/// as absent keys and go first; when every key is still draining, the eighth of them closest
+/// to full go (they lose the least: at most their remaining drain time). Linear in the shard's
+/// size, and then the shard has room for an eighth more keys: a flood of new keys pays for it
+/// once per `cap / 8` keys, not on every one.
 fn make_room(map: &mut Map, now: u64, cap: usize) {
     map.retain(|_, tat| *tat > now);
     if map.len() < cap {
         return;
     }
-    if let Some((&k, _)) = map.iter().min_by_key(|(_, tat)| **tat) {
-        map.remove(&k);
-    }
+    let mut tats: Vec<u64> = map.values().copied().collect();
+    let n = (tats.len() / 8).max(1);
+    let (_, &mut cut, _) = tats.select_nth_unstable(n - 1);
+    let mut evict = n;
+    map.retain(|_, tat| {
+        let go = evict > 0 && *tat <= cut;
+        evict -= usize::from(go);
+        !go
+    });
 }
 
 #[cfg(test)]
@@ -169,6 +181,22 @@ mod tests {
         let b = Buckets::new(SEC, 5, 100);
         let r: Vec<u64> = (0..5).map(|_| b.check(1, 0).remaining).collect();
         assert_eq!(r, [4, 3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn a_full_shard_evicts_the_keys_closest_to_full_in_batches() {
+        let mut map = Map::default();
+        for k in 0..80u64 {
+            map.insert(k, 1_000 + k);
+        }
+        make_room(&mut map, 0, 80);
+        // An eighth went, and they were the ones with the earliest TAT.
+        assert_eq!(map.len(), 70);
+        assert!((0..10).all(|k| !map.contains_key(&k)));
+        assert!((10..80).all(|k| map.contains_key(&k)));
+        // Refilled buckets go first, however many.
+        make_room(&mut map, 1_040, 80);
+        assert_eq!(map.len(), 39);
     }
 
     #[test]
