@@ -42,7 +42,8 @@ impl AuthSettings {
             ),
             Self::Forward(f) => format!(
                 "a 2xx answer from {} within {:?} (other answers go back to the client as they came)",
-                f.url, f.timeout
+                crate::error::redact_url(f.url.as_str()),
+                f.timeout
             ),
         }
     }

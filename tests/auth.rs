@@ -1243,3 +1243,45 @@ async fn forward_auth_sends_every_header_but_the_hop_by_hop_ones() {
         assert!(!h.contains_key(hop), "{hop} reached the auth service");
     }
 }
+
+#[tokio::test]
+async fn passwords_in_auth_urls_stay_out_of_explain_status_and_errors() {
+    let up = TestUpstream::builder().start().await;
+    let port = dead_port().await;
+    let toml = format!(
+        r#"
+        [[routes]]
+        name = "f"
+        path = "/f"
+        targets = ["{}"]
+        auth = {{ forward = {{ url = "http://checker:hunter2@127.0.0.1:{port}/check", timeout = "1s" }} }}
+        "#,
+        up.url()
+    );
+    let gw = gateway(&toml, &Env::default()).await;
+    let c = client();
+    // The auth service is down: 503, and its URL's password is not in the answer.
+    let (status, _, body) = send(&c, gw.url("/f/x"), &[]).await;
+    assert_eq!(status, 503);
+    assert!(!body.contains("hunter2"), "{body}");
+    for view in ["/explain?url=/f/x", "/status"] {
+        let text = c
+            .get(gw.admin_url(view))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains("hunter2"), "{view}: {text}");
+    }
+    let explain = c
+        .get(gw.admin_url("/explain?url=/f/x"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(explain.contains("checker:***@"), "{explain}");
+}

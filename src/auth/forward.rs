@@ -62,7 +62,7 @@ impl PartialEq for ForwardAuth {
 impl fmt::Debug for ForwardAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ForwardAuth")
-            .field("url", &self.url.as_str())
+            .field("url", &crate::error::redact_url(self.url.as_str()))
             .field("timeout", &self.timeout)
             .field("on_error", &self.on_error)
             .finish()
@@ -213,7 +213,7 @@ impl ForwardAuth {
         if let Ok(ip) = HeaderValue::from_str(&asked.client.to_string()) {
             headers.insert(HeaderName::from_static("x-forwarded-for"), ip);
         }
-        let url = || self.url.to_string();
+        let url = || crate::error::redact_url(self.url.as_str());
         let fail = |source: reqwest::Error| {
             if source.is_timeout() {
                 ForwardError::Timeout {
@@ -221,7 +221,10 @@ impl ForwardAuth {
                     after: self.timeout,
                 }
             } else {
-                ForwardError::Failed { url: url(), source }
+                ForwardError::Failed {
+                    url: url(),
+                    source: source.without_url(),
+                }
             }
         };
         let call = async {

@@ -120,7 +120,9 @@ impl JwtSettings {
     pub fn describe(&self) -> String {
         let source = match &self.keys {
             KeySource::Static(k) => format!("one of {} configured keys", k.len()),
-            KeySource::Remote(r) => format!("a key from {}", r.url()),
+            KeySource::Remote(r) => {
+                format!("a key from {}", crate::error::redact_url(r.url().as_str()))
+            }
         };
         let mut s = format!("a JWT in the {} header", self.token.header);
         if let Some(c) = &self.token.cookie {

@@ -34,7 +34,7 @@ pub(in crate::config) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<Redis
             "redis.url",
             format!(
                 "invalid URL {:?}; expected redis://HOST:PORT or rediss://HOST:PORT",
-                crate::ratelimit::store::redact(&url)
+                crate::error::redact_url(&url)
             ),
         );
         return None;
@@ -42,10 +42,7 @@ pub(in crate::config) fn redis(c: &mut Problems, raw: &RawRedis) -> Option<Redis
     if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
         c.err(
             "redis.url",
-            format!(
-                "invalid URL {:?}: {e}",
-                crate::ratelimit::store::redact(&url)
-            ),
+            format!("invalid URL {:?}: {e}", crate::error::redact_url(&url)),
         );
         return None;
     }

@@ -30,26 +30,12 @@ impl std::fmt::Debug for RedisSettings {
     // The password stays out of logs and `/status`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("url", &redact(&self.url))
+            .field("url", &crate::error::redact_url(&self.url))
             .field("username", &self.username)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("ca_file", &self.ca_pem.is_some())
             .finish()
-    }
-}
-
-/// The URL with any password replaced by `***`.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let cred = &url[s + 3..at];
-            match cred.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -238,13 +224,6 @@ fn decision(reply: &redis::Value) -> Result<Decision, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
-        assert_eq!(redact("redis://h:1"), "redis://h:1");
-        assert_eq!(redact("rediss://:pw@h"), "rediss://:***@h");
-    }
 
     #[test]
     fn odd_replies_are_errors() {

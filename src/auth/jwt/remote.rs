@@ -168,23 +168,23 @@ impl RemoteJwks {
         let body = match get(client, &self.url).await {
             Ok(b) => b,
             Err(why) => {
-                tracing::warn!(jwks.url = %self.url, error = %why, kept = self.current.load().is_some(), "JWKS fetch failed; the last good key set stays in use");
+                tracing::warn!(jwks.url = %crate::error::redact_url(self.url.as_str()), error = %why, kept = self.current.load().is_some(), "JWKS fetch failed; the last good key set stays in use");
                 return;
             }
         };
         match KeySet::from_jwks(&body) {
             Ok((keys, skipped)) => {
                 if !skipped.is_empty() {
-                    tracing::info!(jwks.url = %self.url, skipped = %skipped.join("; "), "JWKS keys skipped");
+                    tracing::info!(jwks.url = %crate::error::redact_url(self.url.as_str()), skipped = %skipped.join("; "), "JWKS keys skipped");
                 }
-                tracing::debug!(jwks.url = %self.url, keys = keys.len(), "JWKS loaded");
+                tracing::debug!(jwks.url = %crate::error::redact_url(self.url.as_str()), keys = keys.len(), "JWKS loaded");
                 self.current.store(Some(Arc::new(Loaded {
                     keys: Arc::new(keys),
                     at: Instant::now(),
                 })));
             }
             Err(e) => {
-                tracing::warn!(jwks.url = %self.url, error = %e, kept = self.current.load().is_some(), "JWKS answer refused; the last good key set stays in use");
+                tracing::warn!(jwks.url = %crate::error::redact_url(self.url.as_str()), error = %e, kept = self.current.load().is_some(), "JWKS answer refused; the last good key set stays in use");
             }
         }
     }
@@ -205,7 +205,7 @@ fn build_client(url: &reqwest::Url) -> Option<reqwest::Client> {
     let tls = match crate::tls::client_config(&crate::tls::UpstreamTls::default()) {
         Ok(t) => t,
         Err(e) => {
-            tracing::warn!(jwks.url = %url, error = %crate::error::Chain(&e), "JWKS client TLS setup failed");
+            tracing::warn!(jwks.url = %crate::error::redact_url(url.as_str()), error = %crate::error::Chain(&e), "JWKS client TLS setup failed");
             return None;
         }
     };
@@ -215,7 +215,7 @@ fn build_client(url: &reqwest::Url) -> Option<reqwest::Client> {
         .timeout(FETCH_TIMEOUT)
         .no_proxy()
         .build()
-        .map_err(|e| tracing::warn!(jwks.url = %url, error = %crate::error::Chain(&e), "JWKS client setup failed"))
+        .map_err(|e| tracing::warn!(jwks.url = %crate::error::redact_url(url.as_str()), error = %crate::error::Chain(&e), "JWKS client setup failed"))
         .ok()
 }
 
@@ -224,7 +224,8 @@ async fn get(client: &reqwest::Client, url: &reqwest::Url) -> Result<Vec<u8>, St
         .get(url.clone())
         .send()
         .await
-        .map_err(|e| crate::error::Chain(&e).to_string())?;
+        // The URL is logged beside the error, with its password hidden: not inside it.
+        .map_err(|e| crate::error::Chain(&e.without_url()).to_string())?;
     if !resp.status().is_success() {
         return Err(format!("status {}", resp.status()));
     }
@@ -232,7 +233,7 @@ async fn get(client: &reqwest::Client, url: &reqwest::Url) -> Result<Vec<u8>, St
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| crate::error::Chain(&e).to_string())?
+        .map_err(|e| crate::error::Chain(&e.without_url()).to_string())?
     {
         if body.len() + chunk.len() > MAX_DOC {
             return Err(format!("document larger than {MAX_DOC} bytes"));

@@ -87,7 +87,7 @@ impl Default for RawRedis {
 
 fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match url {
-        Some(u) => s.serialize_some(&crate::ratelimit::store::redact(u)),
+        Some(u) => s.serialize_some(&crate::error::redact_url(u)),
         None => s.serialize_none(),
     }
 }
