@@ -88,13 +88,25 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_counted(handler).await.0
+}
+
+/// Like [`serve`], also counting the connections accepted.
+async fn serve_counted<F, Fut>(handler: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            count.fetch_add(1, Ordering::Relaxed);
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -107,7 +119,7 @@ where
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// A JWKS server whose document can be swapped; counts fetches.
@@ -1284,4 +1296,29 @@ async fn passwords_in_auth_urls_stay_out_of_explain_status_and_errors() {
         .await
         .unwrap();
     assert!(explain.contains("checker:***@"), "{explain}");
+}
+
+#[tokio::test]
+async fn forward_auth_reuses_its_connection_when_the_2xx_has_a_body() {
+    let up = TestUpstream::builder().start().await;
+    // A body larger than one read: left unread, it would cost the connection.
+    let (addr, accepted) = serve_counted(|_req: Request<Incoming>| async {
+        Response::new(Full::new(Bytes::from(vec![b'x'; 48 << 10])))
+    })
+    .await;
+    let toml = format!(
+        r#"
+        [[routes]]
+        path = "/"
+        targets = ["{}"]
+        auth = {{ forward = {{ url = "http://{addr}/check" }} }}
+        "#,
+        up.url()
+    );
+    let gw = gateway(&toml, &Env::default()).await;
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(send(&c, gw.url("/x"), &[]).await.0, 200);
+    }
+    assert_eq!(accepted.load(Ordering::Relaxed), 1, "one pooled connection");
 }

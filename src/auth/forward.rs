@@ -242,6 +242,15 @@ impl ForwardAuth {
                         add.append(name.clone(), v.clone());
                     }
                 }
+                // Read out (bounded, within the timeout), so the connection goes back to the
+                // pool instead of being closed under an unread body.
+                let mut read = 0;
+                while let Ok(Some(chunk)) = resp.chunk().await {
+                    read += chunk.len();
+                    if read > MAX_BODY {
+                        break;
+                    }
+                }
                 return Ok(Verdict::Allow(add));
             }
             let mut headers = std::mem::take(resp.headers_mut());
