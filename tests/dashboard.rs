@@ -412,7 +412,13 @@ async fn dashboard_shows_each_routes_policies() {
     let Some(bin) = chromium_or_skip() else {
         return;
     };
-    let up = TestUpstream::builder().name("pol-up").start().await;
+    // Marked public: on a route with auth only shareable answers are cached.
+    let up = TestUpstream::builder()
+        .name("pol-up")
+        .route("/pol/x", 200, "pol")
+        .header("/pol/x", "cache-control", "public")
+        .start()
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.txt");
     let key_hash = meshgate::auth::api_keys::sha256_hex("k1");
